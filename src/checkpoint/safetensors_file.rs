@@ -1,0 +1,132 @@
+//! `.safetensors` read and write (with header metadata) through the `safetensors` crate,
+//! converting to and from tch tensors.
+use super::state_dict::StateDict;
+use anyhow::{anyhow, bail, Context, Result};
+use safetensors::{Dtype, SafeTensors, View};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::path::Path;
+use tch::{Kind, Tensor};
+
+/// True when the file starts like a safetensors file: an 8-byte little-endian header length
+/// (torch files start with `PK` or a pickle opcode instead) followed by `{`.
+pub fn looks_like(path: &Path) -> Result<bool> {
+    let mut head = [0u8; 9];
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let n = f.read(&mut head).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(n == 9 && head[8] == b'{' && &head[..2] != b"PK" && head[0] != 0x80)
+}
+
+fn kind_of(d: Dtype) -> Result<Kind> {
+    Ok(match d {
+        Dtype::BOOL => Kind::Bool,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::I8 => Kind::Int8,
+        Dtype::I16 => Kind::Int16,
+        Dtype::I32 => Kind::Int,
+        Dtype::I64 => Kind::Int64,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F32 => Kind::Float,
+        Dtype::F64 => Kind::Double,
+        other => bail!("safetensors dtype {other:?} is not supported"),
+    })
+}
+
+fn dtype_of(k: Kind) -> Result<Dtype> {
+    Ok(match k {
+        Kind::Bool => Dtype::BOOL,
+        Kind::Uint8 => Dtype::U8,
+        Kind::Int8 => Dtype::I8,
+        Kind::Int16 => Dtype::I16,
+        Kind::Int => Dtype::I32,
+        Kind::Int64 => Dtype::I64,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Float => Dtype::F32,
+        Kind::Double => Dtype::F64,
+        other => bail!("tensor kind {other:?} cannot be written to safetensors"),
+    })
+}
+
+pub fn read(path: &Path) -> Result<StateDict> {
+    let buf = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let st = SafeTensors::deserialize(&buf)
+        .map_err(|e| anyhow!("corrupt safetensors file {}: {e}", path.display()))?;
+    let mut sd = StateDict::new();
+    // The format stores tensors sorted by dtype then name; keep the header's order of names.
+    let (_, meta) = SafeTensors::read_metadata(&buf).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    if let Some(m) = meta.metadata() {
+        sd.metadata = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    }
+    let mut names: Vec<(usize, String)> = Vec::new();
+    for (name, view) in st.tensors() {
+        let start = view.data().as_ptr() as usize - buf.as_ptr() as usize;
+        names.push((start, name));
+    }
+    names.sort();
+    for (_, name) in names {
+        let view = st.tensor(&name).map_err(|e| anyhow!("{}: tensor {name}: {e}", path.display()))?;
+        let kind = kind_of(view.dtype()).with_context(|| format!("{}: tensor {name}", path.display()))?;
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let t = super::tensor_from_bytes(view.data(), &shape, kind)
+            .with_context(|| format!("{}: tensor {name}", path.display()))?;
+        sd.insert(name, t);
+    }
+    Ok(sd)
+}
+
+struct Bytes {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl View for &Bytes {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Writes tensors (moved to CPU, made contiguous) and metadata. The file appears atomically:
+/// it is written under a temporary name in the same directory, then renamed.
+pub fn write<'a>(
+    path: &Path,
+    tensors: impl Iterator<Item = (&'a String, &'a Tensor)>,
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let mut items = Vec::new();
+    for (name, t) in tensors {
+        let t = t.f_to_device(tch::Device::Cpu)?.f_contiguous()?;
+        let dtype = dtype_of(t.kind()).with_context(|| format!("tensor {name}"))?;
+        let numel = t.numel();
+        let mut data = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut data, numel)?;
+        let shape = t.size().iter().map(|&d| d as usize).collect();
+        items.push((name.clone(), Bytes { dtype, shape, data }));
+    }
+    let meta: Option<HashMap<String, String>> =
+        if metadata.is_empty() { None } else { Some(metadata.clone().into_iter().collect()) };
+    let refs: Vec<(String, &Bytes)> = items.iter().map(|(n, b)| (n.clone(), b)).collect();
+    let tmp = tmp_path(path);
+    safetensors::serialize_to_file(refs, meta, &tmp)
+        .map_err(|e| anyhow!("cannot write {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+/// A sibling temporary path, unique per process, for write-then-rename.
+pub fn tmp_path(path: &Path) -> std::path::PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp{}", std::process::id()))
+}

@@ -1,0 +1,7 @@
+//! medgen: MONAI Generative Models (AutoencoderKL, latent diffusion, ControlNet) on libtorch,
+//! with numerical parity against the PyTorch originals.
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod device;
+pub mod nets;

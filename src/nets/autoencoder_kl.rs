@@ -1,0 +1,430 @@
+//! AutoencoderKL (2D), after MONAI 1.6.1 `monai/networks/nets/autoencoderkl.py` and
+//! monai-generative 0.2.3 `generative/networks/nets/autoencoderkl.py` (same architecture,
+//! two naming generations; see `checkpoint::naming`).
+//!
+//! Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models" (2022);
+//! Pinaya et al., "Brain Imaging Generation with Latent Diffusion Models" (2022).
+//!
+//! Unlike the original LDM VAE: the encoder outputs `latent_channels` (mean and log-variance
+//! come from two 1x1 convs), there is no SiLU between the last GroupNorm and `conv_out`, and
+//! each decoder level has `num_res_blocks` (not `+1`) ResBlocks.
+use super::blocks::{group_norm, Convolution, SpatialAttentionBlock, TransposedConvolution};
+use crate::checkpoint::Generation;
+use anyhow::{bail, ensure, Result};
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, Module};
+use tch::Tensor;
+
+/// An `int` repeated per level, or one value per level (MONAI accepts both).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PerLevel {
+    Same(i64),
+    Each(Vec<i64>),
+}
+
+impl PerLevel {
+    pub fn expand(&self, levels: usize) -> Vec<i64> {
+        match self {
+            PerLevel::Same(n) => vec![*n; levels],
+            PerLevel::Each(v) => v.clone(),
+        }
+    }
+}
+
+/// Constructor arguments of MONAI's `AutoencoderKL`, with its defaults. The monai-generative
+/// 0.2 names (`num_channels`, `use_checkpointing`) are accepted as aliases.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AutoencoderKLConfig {
+    pub spatial_dims: i64,
+    pub in_channels: i64,
+    pub out_channels: i64,
+    pub num_res_blocks: PerLevel,
+    #[serde(alias = "num_channels")]
+    pub channels: Vec<i64>,
+    pub attention_levels: Vec<bool>,
+    pub latent_channels: i64,
+    pub norm_num_groups: i64,
+    pub norm_eps: f64,
+    pub with_encoder_nonlocal_attn: bool,
+    pub with_decoder_nonlocal_attn: bool,
+    /// Activation checkpointing saves memory in training; it has no effect on results, and
+    /// medgen does not implement it (the flag is accepted so MONAI configs load unchanged).
+    #[serde(alias = "use_checkpointing")]
+    pub use_checkpoint: bool,
+    pub use_convtranspose: bool,
+    pub include_fc: bool,
+    pub use_combined_linear: bool,
+    pub use_flash_attention: bool,
+}
+
+impl Default for AutoencoderKLConfig {
+    fn default() -> Self {
+        Self {
+            spatial_dims: 2,
+            in_channels: 1,
+            out_channels: 1,
+            num_res_blocks: PerLevel::Each(vec![2, 2, 2, 2]),
+            channels: vec![32, 64, 64, 64],
+            attention_levels: vec![false, false, true, true],
+            latent_channels: 3,
+            norm_num_groups: 32,
+            norm_eps: 1e-6,
+            with_encoder_nonlocal_attn: true,
+            with_decoder_nonlocal_attn: true,
+            use_checkpoint: false,
+            use_convtranspose: false,
+            include_fc: true,
+            use_combined_linear: false,
+            use_flash_attention: false,
+        }
+    }
+}
+
+impl AutoencoderKLConfig {
+    /// The checks MONAI's constructor makes, plus what this port supports.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.spatial_dims == 2, "AutoencoderKL: only spatial_dims = 2 is supported, got {}", self.spatial_dims);
+        ensure!(!self.channels.is_empty(), "AutoencoderKL: channels must not be empty");
+        ensure!(self.norm_num_groups > 0, "AutoencoderKL: norm_num_groups must be positive");
+        if let Some(c) = self.channels.iter().find(|&&c| c % self.norm_num_groups != 0) {
+            bail!(
+                "AutoencoderKL expects all channels being multiple of norm_num_groups: {c} is not a multiple of {}",
+                self.norm_num_groups
+            );
+        }
+        ensure!(
+            self.channels.len() == self.attention_levels.len(),
+            "AutoencoderKL expects channels ({}) and attention_levels ({}) of the same length",
+            self.channels.len(),
+            self.attention_levels.len()
+        );
+        let nrb = self.num_res_blocks.expand(self.channels.len());
+        ensure!(
+            nrb.len() == self.channels.len(),
+            "num_res_blocks should be a single integer or a list with one entry per level ({}), got {:?}",
+            self.channels.len(),
+            nrb
+        );
+        ensure!(nrb.iter().all(|&n| n >= 0), "num_res_blocks must not be negative: {nrb:?}");
+        ensure!(self.in_channels > 0 && self.out_channels > 0 && self.latent_channels > 0, "channel counts must be positive");
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct AEKLResBlock {
+    norm1: nn::GroupNorm,
+    conv1: Convolution,
+    norm2: nn::GroupNorm,
+    conv2: Convolution,
+    nin_shortcut: Option<Convolution>,
+}
+
+impl AEKLResBlock {
+    fn new(p: &nn::Path, cin: i64, cout: i64, groups: i64, eps: f64) -> Self {
+        Self {
+            norm1: group_norm(&(p / "norm1"), groups, cin, eps),
+            conv1: Convolution::new(&(p / "conv1"), cin, cout, 3, 1, 1),
+            norm2: group_norm(&(p / "norm2"), groups, cout, eps),
+            conv2: Convolution::new(&(p / "conv2"), cout, cout, 3, 1, 1),
+            nin_shortcut: (cin != cout).then(|| Convolution::new(&(p / "nin_shortcut"), cin, cout, 1, 1, 0)),
+        }
+    }
+}
+
+impl Module for AEKLResBlock {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let h = x.apply(&self.norm1).silu().apply(&self.conv1);
+        let h = h.apply(&self.norm2).silu().apply(&self.conv2);
+        match &self.nin_shortcut {
+            Some(s) => x.apply(s) + h,
+            None => x + h,
+        }
+    }
+}
+
+/// Pads right and bottom by one, then a stride-2 conv with no padding.
+#[derive(Debug)]
+struct AEKLDownsample {
+    conv: Convolution,
+}
+
+impl Module for AEKLDownsample {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        x.constant_pad_nd([0, 1, 0, 1]).apply(&self.conv)
+    }
+}
+
+#[derive(Debug)]
+enum Upsample {
+    /// Nearest 2x, then a 3x3 conv: MONAI `UpSample(mode="nontrainable", post_conv=...)`,
+    /// key `postconv.conv.*` (monai-generative: `conv.conv.*`, renamed on load).
+    Nearest { postconv: Convolution },
+    /// MONAI `UpSample(mode="deconv")`: ConvTranspose k2 s2, key `deconv.*`.
+    Deconv { deconv: nn::ConvTranspose2D },
+    /// monai-generative `Upsample(use_convtranspose=True)`: ConvTranspose k3 s2 p1
+    /// output_padding 1, key `conv.conv.*`. Its weights cannot become MONAI's k2 deconv.
+    LegacyDeconv { conv: TransposedConvolution },
+}
+
+impl Module for Upsample {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        match self {
+            Upsample::Nearest { postconv } => {
+                let (h, w) = (x.size()[2], x.size()[3]);
+                x.upsample_nearest2d([2 * h, 2 * w], 2.0, 2.0).apply(postconv)
+            }
+            Upsample::Deconv { deconv } => x.apply(deconv),
+            Upsample::LegacyDeconv { conv } => x.apply(conv),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Block {
+    Conv(Convolution),
+    Res(AEKLResBlock),
+    Attn(SpatialAttentionBlock),
+    Down(AEKLDownsample),
+    Up(Upsample),
+    Norm(nn::GroupNorm),
+}
+
+impl Module for Block {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        match self {
+            Block::Conv(m) => m.forward(x),
+            Block::Res(m) => m.forward(x),
+            Block::Attn(m) => m.forward(x),
+            Block::Down(m) => m.forward(x),
+            Block::Up(m) => m.forward(x),
+            Block::Norm(m) => m.forward(x),
+        }
+    }
+}
+
+/// `nn.ModuleList` named `blocks`: entries are pushed in the Python order, the index being
+/// the running length, so `blocks.N` matches the state dict.
+struct BlockList<'a> {
+    p: nn::Path<'a>,
+    blocks: Vec<Block>,
+}
+
+impl<'a> BlockList<'a> {
+    fn new(p: &nn::Path<'a>) -> Self {
+        Self { p: p / "blocks", blocks: Vec::new() }
+    }
+    fn next(&self) -> nn::Path<'a> {
+        &self.p / self.blocks.len()
+    }
+    fn push(&mut self, b: Block) {
+        self.blocks.push(b);
+    }
+}
+
+#[derive(Debug)]
+pub struct Encoder {
+    blocks: Vec<Block>,
+}
+
+#[derive(Debug)]
+pub struct Decoder {
+    blocks: Vec<Block>,
+}
+
+fn attention(p: &nn::Path, c: i64, cfg: &AutoencoderKLConfig) -> Block {
+    // The AE never passes num_head_channels: one head of width c.
+    Block::Attn(SpatialAttentionBlock::new(
+        p,
+        c,
+        1,
+        cfg.norm_num_groups,
+        cfg.norm_eps,
+        cfg.include_fc,
+        cfg.use_combined_linear,
+        cfg.use_flash_attention,
+    ))
+}
+
+impl Encoder {
+    fn new(p: &nn::Path, cfg: &AutoencoderKLConfig) -> Self {
+        let (g, eps) = (cfg.norm_num_groups, cfg.norm_eps);
+        let ch = &cfg.channels;
+        let nrb = cfg.num_res_blocks.expand(ch.len());
+        let mut b = BlockList::new(p);
+        b.push(Block::Conv(Convolution::new(&b.next(), cfg.in_channels, ch[0], 3, 1, 1)));
+        let mut out_c = ch[0];
+        for i in 0..ch.len() {
+            let mut in_c = out_c;
+            out_c = ch[i];
+            for _ in 0..nrb[i] {
+                b.push(Block::Res(AEKLResBlock::new(&b.next(), in_c, out_c, g, eps)));
+                in_c = out_c;
+                if cfg.attention_levels[i] {
+                    b.push(attention(&b.next(), in_c, cfg));
+                }
+            }
+            if i != ch.len() - 1 {
+                let conv = Convolution::new(&(b.next() / "conv"), in_c, in_c, 3, 2, 0);
+                b.push(Block::Down(AEKLDownsample { conv }));
+            }
+        }
+        let last = *ch.last().unwrap();
+        if cfg.with_encoder_nonlocal_attn {
+            b.push(Block::Res(AEKLResBlock::new(&b.next(), last, last, g, eps)));
+            b.push(attention(&b.next(), last, cfg));
+            b.push(Block::Res(AEKLResBlock::new(&b.next(), last, last, g, eps)));
+        }
+        b.push(Block::Norm(group_norm(&b.next(), g, last, eps)));
+        b.push(Block::Conv(Convolution::new(&b.next(), last, cfg.latent_channels, 3, 1, 1)));
+        Self { blocks: b.blocks }
+    }
+}
+
+impl Module for Encoder {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.blocks.iter().fold(x.shallow_clone(), |h, b| b.forward(&h))
+    }
+}
+
+impl Decoder {
+    fn new(p: &nn::Path, cfg: &AutoencoderKLConfig, generation: Generation) -> Self {
+        let (g, eps) = (cfg.norm_num_groups, cfg.norm_eps);
+        let rev: Vec<i64> = cfg.channels.iter().rev().copied().collect();
+        let rev_attn: Vec<bool> = cfg.attention_levels.iter().rev().copied().collect();
+        let rev_nrb: Vec<i64> = cfg.num_res_blocks.expand(rev.len()).into_iter().rev().collect();
+        let mut b = BlockList::new(p);
+        b.push(Block::Conv(Convolution::new(&b.next(), cfg.latent_channels, rev[0], 3, 1, 1)));
+        if cfg.with_decoder_nonlocal_attn {
+            b.push(Block::Res(AEKLResBlock::new(&b.next(), rev[0], rev[0], g, eps)));
+            b.push(attention(&b.next(), rev[0], cfg));
+            b.push(Block::Res(AEKLResBlock::new(&b.next(), rev[0], rev[0], g, eps)));
+        }
+        let mut out_c = rev[0];
+        for i in 0..rev.len() {
+            let mut in_c = out_c;
+            out_c = rev[i];
+            for _ in 0..rev_nrb[i] {
+                b.push(Block::Res(AEKLResBlock::new(&b.next(), in_c, out_c, g, eps)));
+                in_c = out_c;
+                if rev_attn[i] {
+                    b.push(attention(&b.next(), in_c, cfg));
+                }
+            }
+            if i != rev.len() - 1 {
+                let p = b.next();
+                let up = match (cfg.use_convtranspose, generation) {
+                    (false, _) => Upsample::Nearest { postconv: Convolution::new(&(&p / "postconv"), in_c, in_c, 3, 1, 1) },
+                    (true, Generation::Monai) => {
+                        let c = nn::ConvTransposeConfig { stride: 2, ..Default::default() };
+                        Upsample::Deconv { deconv: nn::conv_transpose2d(&p / "deconv", in_c, in_c, 2, c) }
+                    }
+                    (true, Generation::Generative) => {
+                        Upsample::LegacyDeconv { conv: TransposedConvolution::new(&(&p / "conv"), in_c, in_c, 3, 2, 1) }
+                    }
+                };
+                b.push(Block::Up(up));
+            }
+        }
+        b.push(Block::Norm(group_norm(&b.next(), g, out_c, eps)));
+        b.push(Block::Conv(Convolution::new(&b.next(), out_c, cfg.out_channels, 3, 1, 1)));
+        Self { blocks: b.blocks }
+    }
+}
+
+impl Module for Decoder {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.blocks.iter().fold(x.shallow_clone(), |h, b| b.forward(&h))
+    }
+}
+
+#[derive(Debug)]
+pub struct AutoencoderKL {
+    pub encoder: Encoder,
+    pub decoder: Decoder,
+    quant_conv_mu: Convolution,
+    quant_conv_log_sigma: Convolution,
+    post_quant_conv: Convolution,
+    config: AutoencoderKLConfig,
+}
+
+impl AutoencoderKL {
+    /// Builds the network under `p` (usually `vs.root()`). `generation` matters only for
+    /// `use_convtranspose`, whose layer differs between the two libraries.
+    pub fn new(p: &nn::Path, config: &AutoencoderKLConfig, generation: Generation) -> Result<Self> {
+        config.validate()?;
+        let l = config.latent_channels;
+        Ok(Self {
+            encoder: Encoder::new(&(p / "encoder"), config),
+            decoder: Decoder::new(&(p / "decoder"), config, generation),
+            quant_conv_mu: Convolution::new(&(p / "quant_conv_mu"), l, l, 1, 1, 0),
+            quant_conv_log_sigma: Convolution::new(&(p / "quant_conv_log_sigma"), l, l, 1, 1, 0),
+            post_quant_conv: Convolution::new(&(p / "post_quant_conv"), l, l, 1, 1, 0),
+            config: config.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &AutoencoderKLConfig {
+        &self.config
+    }
+
+    fn check_input(&self, x: &Tensor, channels: i64, what: &str) -> Result<()> {
+        let s = x.size();
+        ensure!(s.len() == 4, "{what} must be (batch, channels, height, width), got shape {s:?}");
+        ensure!(s[1] == channels, "{what} must have {channels} channels, got shape {s:?}");
+        ensure!(s[2] > 0 && s[3] > 0, "{what} has an empty spatial size: {s:?}");
+        Ok(())
+    }
+
+    /// Returns `(z_mu, z_sigma)`; the log-variance is clamped to [-30, 20] as in MONAI.
+    pub fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.check_input(x, self.config.in_channels, "encoder input")?;
+        let h = self.encoder.forward(x);
+        let z_mu = h.apply(&self.quant_conv_mu);
+        let z_log_var = h.apply(&self.quant_conv_log_sigma).clamp(-30.0, 20.0);
+        let z_sigma = (z_log_var / 2.0).exp();
+        Ok((z_mu, z_sigma))
+    }
+
+    /// `z_mu + eps * z_sigma` with `eps ~ N(0, 1)` from the global torch generator, drawn as
+    /// `torch.randn_like(z_sigma)` is (same seed, same libtorch: same numbers).
+    pub fn sampling(&self, z_mu: &Tensor, z_sigma: &Tensor) -> Tensor {
+        let eps = z_sigma.randn_like();
+        Self::sampling_with_noise(z_mu, z_sigma, &eps)
+    }
+
+    /// `sampling` with the noise given.
+    pub fn sampling_with_noise(z_mu: &Tensor, z_sigma: &Tensor, eps: &Tensor) -> Tensor {
+        z_mu + eps * z_sigma
+    }
+
+    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        self.check_input(z, self.config.latent_channels, "latent")?;
+        Ok(self.decoder.forward(&z.apply(&self.post_quant_conv)))
+    }
+
+    /// Deterministic: decodes `z_mu`.
+    pub fn reconstruct(&self, x: &Tensor) -> Result<Tensor> {
+        let (z_mu, _) = self.encode(x)?;
+        self.decode(&z_mu)
+    }
+
+    /// `(reconstruction, z_mu, z_sigma)`, the reconstruction decoded from a sampled latent.
+    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (z_mu, z_sigma) = self.encode(x)?;
+        let z = self.sampling(&z_mu, &z_sigma);
+        Ok((self.decode(&z)?, z_mu, z_sigma))
+    }
+
+    /// A sampled (stochastic) latent, as MONAI's LDM training uses.
+    pub fn encode_stage_2_inputs(&self, x: &Tensor) -> Result<Tensor> {
+        let (z_mu, z_sigma) = self.encode(x)?;
+        Ok(self.sampling(&z_mu, &z_sigma))
+    }
+
+    pub fn decode_stage_2_outputs(&self, z: &Tensor) -> Result<Tensor> {
+        self.decode(z)
+    }
+}
