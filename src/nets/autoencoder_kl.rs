@@ -8,7 +8,7 @@
 //! Unlike the original LDM VAE: the encoder outputs `latent_channels` (mean and log-variance
 //! come from two 1x1 convs), there is no SiLU between the last GroupNorm and `conv_out`, and
 //! each decoder level has `num_res_blocks` (not `+1`) ResBlocks.
-use super::blocks::{group_norm, Convolution, SpatialAttentionBlock, TransposedConvolution};
+use super::blocks::{group_norm, AttentionMath, Convolution, SpatialAttentionBlock, TransposedConvolution};
 use crate::checkpoint::Generation;
 use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
@@ -234,7 +234,13 @@ pub struct Decoder {
     blocks: Vec<Block>,
 }
 
-fn attention(p: &nn::Path, c: i64, cfg: &AutoencoderKLConfig) -> Block {
+fn attention(p: &nn::Path, c: i64, cfg: &AutoencoderKLConfig, generation: Generation) -> Block {
+    let math = match (generation, cfg.use_flash_attention) {
+        // The old library's flash option is xformers, numerically the same attention.
+        (Generation::Generative, _) => AttentionMath::Baddbmm,
+        (Generation::Monai, true) => AttentionMath::Sdpa,
+        (Generation::Monai, false) => AttentionMath::Einsum,
+    };
     // The AE never passes num_head_channels: one head of width c.
     Block::Attn(SpatialAttentionBlock::new(
         p,
@@ -244,12 +250,12 @@ fn attention(p: &nn::Path, c: i64, cfg: &AutoencoderKLConfig) -> Block {
         cfg.norm_eps,
         cfg.include_fc,
         cfg.use_combined_linear,
-        cfg.use_flash_attention,
+        math,
     ))
 }
 
 impl Encoder {
-    fn new(p: &nn::Path, cfg: &AutoencoderKLConfig) -> Self {
+    fn new(p: &nn::Path, cfg: &AutoencoderKLConfig, generation: Generation) -> Self {
         let (g, eps) = (cfg.norm_num_groups, cfg.norm_eps);
         let ch = &cfg.channels;
         let nrb = cfg.num_res_blocks.expand(ch.len());
@@ -263,7 +269,7 @@ impl Encoder {
                 b.push(Block::Res(AEKLResBlock::new(&b.next(), in_c, out_c, g, eps)));
                 in_c = out_c;
                 if cfg.attention_levels[i] {
-                    b.push(attention(&b.next(), in_c, cfg));
+                    b.push(attention(&b.next(), in_c, cfg, generation));
                 }
             }
             if i != ch.len() - 1 {
@@ -274,7 +280,7 @@ impl Encoder {
         let last = *ch.last().unwrap();
         if cfg.with_encoder_nonlocal_attn {
             b.push(Block::Res(AEKLResBlock::new(&b.next(), last, last, g, eps)));
-            b.push(attention(&b.next(), last, cfg));
+            b.push(attention(&b.next(), last, cfg, generation));
             b.push(Block::Res(AEKLResBlock::new(&b.next(), last, last, g, eps)));
         }
         b.push(Block::Norm(group_norm(&b.next(), g, last, eps)));
@@ -299,7 +305,7 @@ impl Decoder {
         b.push(Block::Conv(Convolution::new(&b.next(), cfg.latent_channels, rev[0], 3, 1, 1)));
         if cfg.with_decoder_nonlocal_attn {
             b.push(Block::Res(AEKLResBlock::new(&b.next(), rev[0], rev[0], g, eps)));
-            b.push(attention(&b.next(), rev[0], cfg));
+            b.push(attention(&b.next(), rev[0], cfg, generation));
             b.push(Block::Res(AEKLResBlock::new(&b.next(), rev[0], rev[0], g, eps)));
         }
         let mut out_c = rev[0];
@@ -310,7 +316,7 @@ impl Decoder {
                 b.push(Block::Res(AEKLResBlock::new(&b.next(), in_c, out_c, g, eps)));
                 in_c = out_c;
                 if rev_attn[i] {
-                    b.push(attention(&b.next(), in_c, cfg));
+                    b.push(attention(&b.next(), in_c, cfg, generation));
                 }
             }
             if i != rev.len() - 1 {
@@ -351,13 +357,14 @@ pub struct AutoencoderKL {
 }
 
 impl AutoencoderKL {
-    /// Builds the network under `p` (usually `vs.root()`). `generation` matters only for
-    /// `use_convtranspose`, whose layer differs between the two libraries.
+    /// Builds the network under `p` (usually `vs.root()`). `generation` selects the layer
+    /// that differs between the two libraries for `use_convtranspose`, and each library's
+    /// attention formula (equal up to float rounding).
     pub fn new(p: &nn::Path, config: &AutoencoderKLConfig, generation: Generation) -> Result<Self> {
         config.validate()?;
         let l = config.latent_channels;
         Ok(Self {
-            encoder: Encoder::new(&(p / "encoder"), config),
+            encoder: Encoder::new(&(p / "encoder"), config, generation),
             decoder: Decoder::new(&(p / "decoder"), config, generation),
             quant_conv_mu: Convolution::new(&(p / "quant_conv_mu"), l, l, 1, 1, 0),
             quant_conv_log_sigma: Convolution::new(&(p / "quant_conv_log_sigma"), l, l, 1, 1, 0),

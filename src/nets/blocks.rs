@@ -59,7 +59,19 @@ pub struct SABlock {
     out_proj: Option<nn::Linear>,
     num_heads: i64,
     scale: f64,
-    use_flash_attention: bool,
+    math: AttentionMath,
+}
+
+/// How attention scores are computed. The results agree to float32 rounding; each library's
+/// own formula makes medgen bit-exact with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionMath {
+    /// MONAI >= 1.4: `einsum(q, k) * scale`, softmax, `einsum(p, v)`.
+    Einsum,
+    /// monai-generative 0.2: `baddbmm(beta=0, alpha=scale)`, softmax, `bmm`.
+    Baddbmm,
+    /// `use_flash_attention=True` in MONAI >= 1.4: `scaled_dot_product_attention`.
+    Sdpa,
 }
 
 impl SABlock {
@@ -69,7 +81,7 @@ impl SABlock {
         num_heads: i64,
         include_fc: bool,
         use_combined_linear: bool,
-        use_flash_attention: bool,
+        math: AttentionMath,
     ) -> Self {
         let lin = |name: &str, i, o| nn::linear(p / name, i, o, Default::default());
         let (to_q, to_k, to_v, qkv) = if use_combined_linear {
@@ -92,7 +104,7 @@ impl SABlock {
             out_proj,
             num_heads,
             scale: (dim_head as f64).powf(-0.5),
-            use_flash_attention,
+            math,
         }
     }
 
@@ -115,11 +127,20 @@ impl SABlock {
                 heads(x.apply(self.to_v.as_ref().unwrap())),
             ),
         };
-        let out = if self.use_flash_attention {
-            Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, self.scale, false)
-        } else {
-            let att = q.matmul(&k.transpose(-1, -2)) * self.scale;
-            att.softmax(-1, None).matmul(&v)
+        let out = match self.math {
+            AttentionMath::Sdpa => {
+                Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, self.scale, false)
+            }
+            AttentionMath::Einsum => {
+                let att = q.matmul(&k.transpose(-1, -2)) * self.scale;
+                att.softmax(-1, None).matmul(&v)
+            }
+            AttentionMath::Baddbmm => {
+                let (q, k, v) = (q.reshape([b * h, n, d]), k.reshape([b * h, n, d]), v.reshape([b * h, n, d]));
+                let zeros = Tensor::zeros([b * h, n, n], (q.kind(), q.device()));
+                let att = zeros.baddbmm(&q, &k.transpose(-1, -2), 0.0, self.scale);
+                att.softmax(-1, None).bmm(&v).view([b, h, n, d])
+            }
         };
         let out = out.permute([0, 2, 1, 3]).reshape([b, n, c]);
         match &self.out_proj {
@@ -147,11 +168,11 @@ impl SpatialAttentionBlock {
         eps: f64,
         include_fc: bool,
         use_combined_linear: bool,
-        use_flash_attention: bool,
+        math: AttentionMath,
     ) -> Self {
         Self {
             norm: group_norm(&(p / "norm"), groups, channels, eps),
-            attn: SABlock::new(&(p / "attn"), channels, num_heads, include_fc, use_combined_linear, use_flash_attention),
+            attn: SABlock::new(&(p / "attn"), channels, num_heads, include_fc, use_combined_linear, math),
         }
     }
 }
