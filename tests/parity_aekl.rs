@@ -51,7 +51,14 @@ fn autoencoder_kl_matches_monai_and_generative() {
         check(&mut rows, &mut failures, case, "encode.z_mu", &mu, &t("z_mu"));
         check(&mut rows, &mut failures, case, "encode.z_sigma", &sigma, &t("z_sigma"));
         check(&mut rows, &mut failures, case, "decode", &m.decode(&t("z")).unwrap(), &t("decoded"));
-        check(&mut rows, &mut failures, case, "decode_stage_2_outputs", &m.decode_stage_2_outputs(&t("z")).unwrap(), &t("decode_stage_2_outputs"));
+        check(
+            &mut rows,
+            &mut failures,
+            case,
+            "decode_stage_2_outputs",
+            &m.decode_stage_2_outputs(&t("z")).unwrap(),
+            &t("decode_stage_2_outputs"),
+        );
         check(&mut rows, &mut failures, case, "reconstruct", &m.reconstruct(&x).unwrap(), &t("reconstruction"));
         // Same seed, same libtorch: randn_like draws the same noise as PyTorch.
         tch::manual_seed(noise_seed);
@@ -65,7 +72,14 @@ fn autoencoder_kl_matches_monai_and_generative() {
         tch::manual_seed(noise_seed);
         check(&mut rows, &mut failures, case, "sampling", &m.sampling(&t("z_mu"), &t("z_sigma")), &t("sampling"));
         tch::manual_seed(noise_seed);
-        check(&mut rows, &mut failures, case, "encode_stage_2_inputs", &m.encode_stage_2_inputs(&x).unwrap(), &t("encode_stage_2_inputs"));
+        check(
+            &mut rows,
+            &mut failures,
+            case,
+            "encode_stage_2_inputs",
+            &m.encode_stage_2_inputs(&x).unwrap(),
+            &t("encode_stage_2_inputs"),
+        );
     }
     println!("{}", rows.join("\n"));
     assert!(failures.is_empty(), "parity failures:\n{}", failures.join("\n"));

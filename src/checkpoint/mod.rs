@@ -60,6 +60,10 @@ pub fn load_model<M>(
 pub fn tensor_from_bytes(bytes: &[u8], shape: &[i64], kind: tch::Kind) -> Result<tch::Tensor> {
     let numel: i64 = shape.iter().product();
     let need = numel as usize * kind.elt_size_in_bytes();
-    anyhow::ensure!(bytes.len() == need, "{} bytes for a {kind:?} tensor of shape {shape:?} ({need} bytes)", bytes.len());
+    anyhow::ensure!(
+        bytes.len() == need,
+        "{} bytes for a {kind:?} tensor of shape {shape:?} ({need} bytes)",
+        bytes.len()
+    );
     Ok(tch::Tensor::f_from_data_size(bytes, shape, kind)?)
 }

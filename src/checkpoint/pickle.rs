@@ -224,7 +224,10 @@ pub fn unpickle(data: &[u8], persistent_load: &mut dyn FnMut(Value) -> Result<Va
 pub fn check_global(module: &str, name: &str) -> Result<()> {
     if ALLOWED_GLOBALS.iter().any(|(m, n)| *m == module && *n == name) {
         Ok(())
-    } else if module.starts_with("torch.nn.modules") || module.starts_with("monai.") || module.starts_with("generative.") {
+    } else if module.starts_with("torch.nn.modules")
+        || module.starts_with("monai.")
+        || module.starts_with("generative.")
+    {
         bail!(
             "refusing to load global `{module}.{name}`: this file pickles a whole model object, not a state \
              dict; in Python, save `model.state_dict()` instead"
@@ -588,11 +591,7 @@ impl Machine<'_> {
                         // OrderedDict `_metadata` and tensor/parameter extra state: not needed
                         // to rebuild weights.
                         Value::Dict(_) | Value::Tensor(_) => {}
-                        other => bail!(
-                            "refusing BUILD (setstate) on {} with {}",
-                            other.describe(),
-                            state.describe()
-                        ),
+                        other => bail!("refusing BUILD (setstate) on {} with {}", other.describe(), state.describe()),
                     }
                 }
                 b'Q' => {

@@ -10,12 +10,18 @@ use std::path::Path;
 use tch::{Kind, Tensor};
 
 /// True when the file starts like a safetensors file: an 8-byte little-endian header length
-/// (torch files start with `PK` or a pickle opcode instead) followed by `{`.
+/// that fits in the file, followed by `{`. (Torch zip files start with `PK`; legacy pickles
+/// have a magic-number byte at offset 8.)
 pub fn looks_like(path: &Path) -> Result<bool> {
     let mut head = [0u8; 9];
     let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let len = f.metadata().with_context(|| format!("cannot read {}", path.display()))?.len();
     let n = f.read(&mut head).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(n == 9 && head[8] == b'{' && &head[..2] != b"PK" && head[0] != 0x80)
+    if n < 9 || &head[..2] == b"PK" || head[8] != b'{' {
+        return Ok(false);
+    }
+    let header_len = u64::from_le_bytes(head[..8].try_into().unwrap());
+    Ok(header_len.saturating_add(8) <= len || path.extension().is_some_and(|e| e == "safetensors"))
 }
 
 fn kind_of(d: Dtype) -> Result<Kind> {
@@ -52,8 +58,7 @@ fn dtype_of(k: Kind) -> Result<Dtype> {
 
 pub fn read(path: &Path) -> Result<StateDict> {
     let buf = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let st = SafeTensors::deserialize(&buf)
-        .map_err(|e| anyhow!("corrupt safetensors file {}: {e}", path.display()))?;
+    let st = SafeTensors::deserialize(&buf).map_err(|e| anyhow!("corrupt safetensors file {}: {e}", path.display()))?;
     let mut sd = StateDict::new();
     // The format stores tensors sorted by dtype then name; keep the header's order of names.
     let (_, meta) = SafeTensors::read_metadata(&buf).map_err(|e| anyhow!("{}: {e}", path.display()))?;
@@ -119,8 +124,7 @@ pub fn write<'a>(
         if metadata.is_empty() { None } else { Some(metadata.clone().into_iter().collect()) };
     let refs: Vec<(String, &Bytes)> = items.iter().map(|(n, b)| (n.clone(), b)).collect();
     let tmp = tmp_path(path);
-    safetensors::serialize_to_file(refs, meta, &tmp)
-        .map_err(|e| anyhow!("cannot write {}: {e}", tmp.display()))?;
+    safetensors::serialize_to_file(refs, meta, &tmp).map_err(|e| anyhow!("cannot write {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }

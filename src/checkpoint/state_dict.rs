@@ -86,9 +86,8 @@ impl StateDict {
             let mut refs = Vec::new();
             flatten(&selected, String::new(), &mut refs, &mut sd.notes)?;
             for (name, t) in refs {
-                let tensor = file
-                    .tensor(&t)
-                    .with_context(|| format!("tensor {name:?} in {}", file.path().display()))?;
+                let tensor =
+                    file.tensor(&t).with_context(|| format!("tensor {name:?} in {}", file.path().display()))?;
                 sd.insert(name, tensor);
             }
             sd
@@ -178,9 +177,8 @@ fn select(root: &Value, key: Option<&str>) -> Result<(Value, Option<String>)> {
         bail!("the checkpoint's top level is a {}, not a dict of tensors", root.type_name());
     }
     if let Some(key) = key {
-        let v = lookup(root, key).ok_or_else(|| {
-            anyhow!("key {key:?} not found; top-level entries: {}", top_keys(root).join(", "))
-        })?;
+        let v = lookup(root, key)
+            .ok_or_else(|| anyhow!("key {key:?} not found; top-level entries: {}", top_keys(root).join(", ")))?;
         if !matches!(v, Value::Dict(_)) {
             bail!("entry {key:?} is a {}, not a dict of tensors", v.type_name());
         }
@@ -203,7 +201,10 @@ fn select(root: &Value, key: Option<&str>) -> Result<(Value, Option<String>)> {
         many => {
             if let Some((k, v)) = many.iter().find(|(k, _)| k == "state_dict") {
                 let others: Vec<&str> = many.iter().filter(|(o, _)| o != k).map(|(o, _)| o.as_str()).collect();
-                Ok((v.clone(), Some(format!("used the entry \"state_dict\"; also present: {others:?} (choose with --key)"))))
+                Ok((
+                    v.clone(),
+                    Some(format!("used the entry \"state_dict\"; also present: {others:?} (choose with --key)")),
+                ))
             } else {
                 let names: Vec<String> =
                     many.iter().map(|(k, v)| format!("{k:?} ({} tensors)", count_tensors(v))).collect();

@@ -17,7 +17,10 @@ const LEGACY_MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 
 const LEGACY_PROTOCOL_VERSION: i64 = 1001;
 
 enum Storages {
-    Zip { archive: zip::ZipArchive<BufReader<File>>, prefix: String },
+    Zip {
+        archive: zip::ZipArchive<BufReader<File>>,
+        prefix: String,
+    },
     /// Legacy files: every storage read up front (they follow the pickles sequentially).
     Loaded(HashMap<String, Vec<u8>>),
 }
@@ -58,7 +61,9 @@ impl TorchFile {
             .collect();
         let pkl_name = match pkl.as_slice() {
             [one] => one.clone(),
-            [] => bail!("zip archive has no data.pkl: not a torch.save file (TorchScript archives are not state dicts)"),
+            [] => {
+                bail!("zip archive has no data.pkl: not a torch.save file (TorchScript archives are not state dicts)")
+            }
             many => bail!("zip archive has several data.pkl entries: {many:?}"),
         };
         let prefix = pkl_name.strip_suffix("data.pkl").unwrap().to_string();
@@ -76,20 +81,14 @@ impl TorchFile {
             .with_context(|| format!("cannot read {pkl_name} (truncated file?)"))?;
         let mut pl = |pid: Value| parse_storage_pid(&pid).map(Value::Storage);
         let (root, _) = unpickle(&pickle, &mut pl).with_context(|| format!("in {pkl_name}"))?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            root,
-            storages: Storages::Zip { archive, prefix },
-            cache: HashMap::new(),
-        })
+        Ok(Self { path: path.to_path_buf(), root, storages: Storages::Zip { archive, prefix }, cache: HashMap::new() })
     }
 
     fn open_legacy(path: &Path) -> Result<Self> {
         let data = std::fs::read(path)?;
         let mut pos = 0;
-        let mut no_pid = |pid: Value| -> Result<Value> {
-            bail!("unexpected persistent id {} in a legacy header", pid.describe())
-        };
+        let mut no_pid =
+            |pid: Value| -> Result<Value> { bail!("unexpected persistent id {} in a legacy header", pid.describe()) };
         let (magic, n) = unpickle(&data[pos..], &mut no_pid).context("legacy header (magic number)")?;
         pos += n;
         match magic {
@@ -134,14 +133,11 @@ impl TorchFile {
         let mut storages = HashMap::new();
         for key in keys {
             let dtype = *dtypes.get(&key).ok_or_else(|| anyhow!("storage {key} is listed but never referenced"))?;
-            let hdr = data
-                .get(pos..pos + 8)
-                .ok_or_else(|| anyhow!("file truncated in the header of storage {key}"))?;
+            let hdr = data.get(pos..pos + 8).ok_or_else(|| anyhow!("file truncated in the header of storage {key}"))?;
             let numel = u64::from_le_bytes(hdr.try_into().unwrap()) as usize;
             pos += 8;
-            let nbytes = numel
-                .checked_mul(dtype.elem_size())
-                .ok_or_else(|| anyhow!("storage {key}: absurd size {numel}"))?;
+            let nbytes =
+                numel.checked_mul(dtype.elem_size()).ok_or_else(|| anyhow!("storage {key}: absurd size {numel}"))?;
             let bytes = data.get(pos..pos.saturating_add(nbytes)).ok_or_else(|| {
                 anyhow!("file truncated in storage {key}: needs {nbytes} bytes, {} left", data.len() - pos)
             })?;

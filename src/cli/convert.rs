@@ -26,15 +26,15 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let sd = StateDict::load(&a.input, a.key.as_deref())?;
-    let n_in = sd.len();
     let dev = device::parse("cpu")?;
-    let (loaded_sd, generation, copied, cfg_json) = match a.model {
+    let (loaded_sd, generation, copied, cfg_json, n_in) = match a.model {
         ModelKind::Aekl => {
             let cfg = config::aekl_config(&a.config)?;
+            let sd = StateDict::load(&a.input, a.key.as_deref())?;
+            let n_in = sd.len();
             let l = load_model(sd, dev, |p, g| AutoencoderKL::new(p, &cfg, g))
                 .with_context(|| format!("{} does not fit the config {}", a.input.display(), a.config.display()))?;
-            (l.state_dict, l.generation, l.report.copied.len(), serde_json::to_string(&cfg)?)
+            (l.state_dict, l.generation, l.report.copied.len(), serde_json::to_string(&cfg)?, n_in)
         }
     };
     for note in &loaded_sd.notes {

@@ -24,8 +24,10 @@ pub enum Op {
     /// z_mu, z_sigma -> z (uses --seed)
     Sampling,
     /// x -> z (sampled latent; uses --seed)
+    #[value(name = "encode_stage_2_inputs")]
     EncodeStage2Inputs,
     /// z -> image
+    #[value(name = "decode_stage_2_outputs")]
     DecodeStage2Outputs,
 }
 

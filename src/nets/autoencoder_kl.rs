@@ -108,7 +108,10 @@ impl AutoencoderKLConfig {
             nrb
         );
         ensure!(nrb.iter().all(|&n| n >= 0), "num_res_blocks must not be negative: {nrb:?}");
-        ensure!(self.in_channels > 0 && self.out_channels > 0 && self.latent_channels > 0, "channel counts must be positive");
+        ensure!(
+            self.in_channels > 0 && self.out_channels > 0 && self.latent_channels > 0,
+            "channel counts must be positive"
+        );
         Ok(())
     }
 }
@@ -322,7 +325,9 @@ impl Decoder {
             if i != rev.len() - 1 {
                 let p = b.next();
                 let up = match (cfg.use_convtranspose, generation) {
-                    (false, _) => Upsample::Nearest { postconv: Convolution::new(&(&p / "postconv"), in_c, in_c, 3, 1, 1) },
+                    (false, _) => {
+                        Upsample::Nearest { postconv: Convolution::new(&(&p / "postconv"), in_c, in_c, 3, 1, 1) }
+                    }
                     (true, Generation::Monai) => {
                         let c = nn::ConvTransposeConfig { stride: 2, ..Default::default() };
                         Upsample::Deconv { deconv: nn::conv_transpose2d(&p / "deconv", in_c, in_c, 2, c) }

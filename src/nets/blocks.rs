@@ -96,16 +96,7 @@ impl SABlock {
         };
         let out_proj = include_fc.then(|| lin("out_proj", hidden_size, hidden_size));
         let dim_head = hidden_size / num_heads;
-        Self {
-            to_q,
-            to_k,
-            to_v,
-            qkv,
-            out_proj,
-            num_heads,
-            scale: (dim_head as f64).powf(-0.5),
-            math,
-        }
+        Self { to_q, to_k, to_v, qkv, out_proj, num_heads, scale: (dim_head as f64).powf(-0.5), math }
     }
 
     /// `x`: (batch, tokens, channels).

@@ -1,0 +1,206 @@
+//! `medgen convert` + `medgen forward` round trips from the command line, against the
+//! AutoencoderKL parity fixtures.
+mod common;
+
+use common::{fixtures, max_abs_diff};
+use medgen::checkpoint::StateDict;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// One libtorch thread, as the fixtures were made: results are then bit-identical to
+/// PyTorch's instead of differing in float rounding.
+fn medgen(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_medgen")).args(args).env("OMP_NUM_THREADS", "1").output().expect("medgen runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = medgen(args);
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "medgen {args:?} failed:\n{out}\n{err}");
+    format!("{out}{err}")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// convert, then forward each op, for one fixture case; compares with PyTorch's outputs.
+fn round_trip(case: &str, expect_generation: &str) {
+    let dir = fixtures().join("aekl").join(case);
+    let tmp = tempfile::tempdir().unwrap();
+    let weights = tmp.path().join("weights/aekl.safetensors");
+    let cfg = dir.join("config.json");
+    let msg = ok(&[
+        "convert",
+        "--model",
+        "aekl",
+        "--config",
+        s(&cfg),
+        "--input",
+        s(&dir.join("state_dict.pt")),
+        "--output",
+        s(&weights),
+    ]);
+    assert!(msg.contains(expect_generation), "{msg}");
+    let converted = StateDict::load(&weights, None).unwrap();
+    assert_eq!(converted.metadata.get("medgen.generation").map(String::as_str), Some(expect_generation));
+    assert!(!converted.names().iter().any(|n| n.contains("proj_attn")), "old keys renamed");
+
+    let io = StateDict::load(&dir.join("io.safetensors"), None).unwrap();
+    let mut inputs = StateDict::new();
+    inputs.insert("x", io.get("x").unwrap().shallow_clone());
+    inputs.insert("z", io.get("z").unwrap().shallow_clone());
+    let in_path = tmp.path().join("in.safetensors");
+    inputs.save_safetensors(&in_path, &BTreeMap::new()).unwrap();
+    for (op, outputs) in [
+        ("reconstruct", vec![("reconstruction", "reconstruction")]),
+        ("encode", vec![("z_mu", "z_mu"), ("z_sigma", "z_sigma")]),
+        ("decode", vec![("image", "decoded")]),
+        ("forward", vec![("reconstruction", "forward_reconstruction"), ("z_mu", "forward_z_mu")]),
+        ("encode_stage_2_inputs", vec![("z", "encode_stage_2_inputs")]),
+    ] {
+        let out = tmp.path().join(format!("{op}.safetensors"));
+        ok(&[
+            "forward",
+            "--model",
+            "aekl",
+            "--config",
+            s(&cfg),
+            "--weights",
+            s(&weights),
+            "--inputs",
+            s(&in_path),
+            "--output",
+            s(&out),
+            "--op",
+            op,
+            "--seed",
+            "4321",
+            "--device",
+            "cpu",
+        ]);
+        let got = StateDict::load(&out, None).unwrap();
+        for (name, reference) in outputs {
+            let err = max_abs_diff(got.get(name).unwrap(), io.get(reference).unwrap());
+            println!("{case} {op}.{name}: max abs error {err:.3e}");
+            assert!(err <= 1e-5, "{case} {op}.{name}: max abs error {err}");
+        }
+    }
+}
+
+#[test]
+fn convert_and_forward_new_checkpoint() {
+    round_trip("attn_nonlocal-monai", "monai");
+}
+
+#[test]
+fn convert_and_forward_old_checkpoint() {
+    round_trip("attn_nonlocal-generative", "generative-0.2");
+    // The old transposed-conv layout has no MONAI >= 1.4 equivalent; the metadata keeps it.
+    round_trip("convtranspose-generative", "generative-0.2");
+}
+
+#[test]
+fn forward_accepts_a_torch_checkpoint_directly() {
+    let dir = fixtures().join("aekl/odd_groups-generative");
+    let tmp = tempfile::tempdir().unwrap();
+    let io = StateDict::load(&dir.join("io.safetensors"), None).unwrap();
+    let mut inputs = StateDict::new();
+    inputs.insert("image", io.get("x").unwrap().shallow_clone());
+    let in_path = tmp.path().join("in.safetensors");
+    inputs.save_safetensors(&in_path, &BTreeMap::new()).unwrap();
+    let out = tmp.path().join("out.safetensors");
+    ok(&[
+        "forward",
+        "--model",
+        "aekl",
+        "--config",
+        s(&dir.join("config.json")),
+        "--weights",
+        s(&dir.join("state_dict.pt")),
+        "--inputs",
+        s(&in_path),
+        "--output",
+        s(&out),
+    ]);
+    let got = StateDict::load(&out, None).unwrap();
+    let err = max_abs_diff(got.get("reconstruction").unwrap(), io.get("reconstruction").unwrap());
+    assert!(err <= 1e-5, "{err}");
+}
+
+#[test]
+fn convert_with_the_wrong_config_fails_clearly_and_writes_nothing() {
+    let root = fixtures().join("aekl");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("x.safetensors");
+    let o = medgen(&[
+        "convert",
+        "--model",
+        "aekl",
+        "--config",
+        s(&root.join("no_attn-monai/config.json")),
+        "--input",
+        s(&root.join("attn_nonlocal-monai/state_dict.pt")),
+        "--output",
+        s(&out),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("missing key") && err.contains("unexpected key") && err.contains("shape mismatch for"),
+        "{err}"
+    );
+    assert!(err.contains("attn_nonlocal-monai/state_dict.pt"), "names the file: {err}");
+    assert!(!out.exists(), "nothing written on failure");
+
+    let o = medgen(&[
+        "forward",
+        "--model",
+        "aekl",
+        "--config",
+        s(&root.join("no_attn-monai/config.json")),
+        "--weights",
+        s(&root.join("no_attn-monai/state_dict.pt")),
+        "--inputs",
+        s(&out),
+        "--output",
+        s(&out),
+        "--device",
+        "cuda:7",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("cuda:7"), "{err}");
+}
+
+#[test]
+fn bad_configs_name_the_problem() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("bad.json");
+    std::fs::write(
+        &cfg,
+        r#"{"stage1": {"params": {"channels": [8, 16], "attention_levels": [false], "norm_num_groups": 4}}}"#,
+    )
+    .unwrap();
+    let o = medgen(&[
+        "convert",
+        "--model",
+        "aekl",
+        "--config",
+        s(&cfg),
+        "--input",
+        s(&cfg),
+        "--output",
+        s(&tmp.path().join("o")),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("bad.json") && err.contains("attention_levels"), "{err}");
+    std::fs::write(&cfg, r#"{"channels": [8, 16], "atention_levels": [false, true]}"#).unwrap();
+    let e = format!("{:#}", medgen::config::aekl_config(&cfg).unwrap_err());
+    assert!(e.contains("atention_levels"), "unknown keys are named: {e}");
+    std::fs::write(&cfg, r#"{"channels": [8, 12], "attention_levels": [false, true], "norm_num_groups": 8}"#).unwrap();
+    let e = format!("{:#}", medgen::config::aekl_config(&cfg).unwrap_err());
+    assert!(e.contains("12 is not a multiple of 8"), "{e}");
+}
