@@ -84,6 +84,12 @@ def build(lib, params):
     return NewAEKL(**p), p
 
 
+def params_new(params):
+    p = dict(params)
+    p.pop("num_channels", None)
+    return p
+
+
 def perturb(model, gen):
     with torch.no_grad():
         for name, t in model.state_dict().items():
@@ -133,6 +139,14 @@ def main():
                 torch.manual_seed(NOISE_SEED)
                 out["randn_like_z_sigma"] = torch.randn_like(sigma_c)
                 out["forward_is_channels_last"] = torch.tensor(sigma.is_contiguous(memory_format=torch.channels_last) and not sigma.is_contiguous())
+            if lib == "generative" and any("proj_attn" in k for k in model.state_dict()):
+                # What MONAI 1.6's own converter makes of this old checkpoint: it copies the never-applied
+                # proj_attn into out_proj, so its outputs differ from the old library's. medgen must not.
+                new = NewAEKL(**params_new(params))
+                new.load_old_state_dict(copy.deepcopy(model.state_dict()))
+                new.eval()
+                with torch.no_grad():
+                    out["monai_load_old_state_dict_reconstruction"] = new.reconstruct(x)
             d = os.path.join(args.out, f"{name}-{lib}")
             os.makedirs(d, exist_ok=True)
             torch.save(model.state_dict(), os.path.join(d, "state_dict.pt"))
