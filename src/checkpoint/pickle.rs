@@ -656,7 +656,7 @@ fn same_key(a: &Value, b: &Value) -> bool {
 }
 
 fn pairs(items: Vec<Value>) -> Result<Vec<(Value, Value)>> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         bail!("malformed pickle: odd number of items for a dict");
     }
     let mut it = items.into_iter();

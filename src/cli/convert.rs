@@ -1,4 +1,4 @@
-use super::ModelKind;
+use super::{ModelArgs, ModelKind};
 use crate::checkpoint::{load_model, StateDict, META_GENERATION};
 use crate::config;
 use crate::device;
@@ -9,17 +9,11 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    #[arg(long, value_enum)]
-    model: ModelKind,
-    /// JSON config (the reference layout, e.g. configs/aekl_v0.json, or bare parameters).
-    #[arg(long)]
-    config: PathBuf,
+    #[command(flatten)]
+    m: ModelArgs,
     /// torch.save checkpoint (zip or legacy) or safetensors.
     #[arg(long)]
     input: PathBuf,
-    /// Entry of a training checkpoint holding the weights (e.g. `state_dict`).
-    #[arg(long)]
-    key: Option<String>,
     /// Output .safetensors (written atomically).
     #[arg(long)]
     output: PathBuf,
@@ -27,13 +21,13 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let dev = device::parse("cpu")?;
-    let (loaded_sd, generation, copied, cfg_json, n_in) = match a.model {
+    let (loaded_sd, generation, copied, cfg_json, n_in) = match a.m.model {
         ModelKind::Aekl => {
-            let cfg = config::aekl_config(&a.config)?;
-            let sd = StateDict::load(&a.input, a.key.as_deref())?;
+            let cfg = config::aekl_config(&a.m.config)?;
+            let sd = StateDict::load(&a.input, a.m.key.as_deref())?;
             let n_in = sd.len();
             let l = load_model(sd, dev, |p, g| AutoencoderKL::new(p, &cfg, g))
-                .with_context(|| format!("{} does not fit the config {}", a.input.display(), a.config.display()))?;
+                .with_context(|| format!("{} does not fit the config {}", a.input.display(), a.m.config.display()))?;
             (l.state_dict, l.generation, l.report.copied.len(), serde_json::to_string(&cfg)?, n_in)
         }
     };
@@ -42,7 +36,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let mut meta = BTreeMap::new();
     meta.insert("format".to_string(), "pt".to_string());
-    meta.insert("medgen.model".to_string(), format!("{:?}", a.model).to_lowercase());
+    meta.insert("medgen.model".to_string(), format!("{:?}", a.m.model).to_lowercase());
     meta.insert("medgen.config".to_string(), cfg_json);
     meta.insert(META_GENERATION.to_string(), generation.as_str().to_string());
     if let Some(name) = a.input.file_name() {

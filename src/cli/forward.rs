@@ -1,4 +1,4 @@
-use super::ModelKind;
+use super::{ModelArgs, ModelKind};
 use crate::checkpoint::{load_model, StateDict};
 use crate::config;
 use crate::device;
@@ -33,17 +33,11 @@ pub enum Op {
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    #[arg(long, value_enum)]
-    model: ModelKind,
-    /// JSON config the weights were converted with.
-    #[arg(long)]
-    config: PathBuf,
+    #[command(flatten)]
+    m: ModelArgs,
     /// Weights: a medgen .safetensors, or a torch.save checkpoint (converted on the fly).
     #[arg(long)]
     weights: PathBuf,
-    /// Entry of a training checkpoint holding the weights.
-    #[arg(long)]
-    key: Option<String>,
     /// Input tensors (.safetensors): `x` for image ops, `z` for decode, `z_mu`/`z_sigma` for
     /// sampling. A file with a single tensor may use any name.
     #[arg(long)]
@@ -73,13 +67,13 @@ fn input(inputs: &StateDict, name: &str, dev: tch::Device) -> Result<Tensor> {
 pub fn run(a: Args) -> Result<()> {
     let dev = device::parse(&a.device)?;
     let inputs = StateDict::load(&a.inputs, None)?;
-    let sd = StateDict::load(&a.weights, a.key.as_deref())?;
+    let sd = StateDict::load(&a.weights, a.m.key.as_deref())?;
     let mut out: Vec<(String, Tensor)> = Vec::new();
-    match a.model {
+    match a.m.model {
         ModelKind::Aekl => {
-            let cfg = config::aekl_config(&a.config)?;
+            let cfg = config::aekl_config(&a.m.config)?;
             let l = load_model(sd, dev, |p, g| AutoencoderKL::new(p, &cfg, g))
-                .with_context(|| format!("{} does not fit the config {}", a.weights.display(), a.config.display()))?;
+                .with_context(|| format!("{} does not fit the config {}", a.weights.display(), a.m.config.display()))?;
             let m = &l.model;
             let _guard = tch::no_grad_guard();
             tch::manual_seed(a.seed);

@@ -30,6 +30,19 @@ pub enum ModelKind {
     Aekl,
 }
 
+/// Which network, its config, and where its weights sit inside a checkpoint.
+#[derive(clap::Args, Debug)]
+pub struct ModelArgs {
+    #[arg(long, value_enum)]
+    pub model: ModelKind,
+    /// JSON config (the reference layout, e.g. configs/aekl_v0.json, or bare parameters).
+    #[arg(long)]
+    pub config: std::path::PathBuf,
+    /// Entry of a training checkpoint holding the weights (e.g. `state_dict`, `model.ema`).
+    #[arg(long)]
+    pub key: Option<String>,
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Convert(a) => convert::run(a),

@@ -185,6 +185,8 @@ impl Module for Upsample {
     }
 }
 
+// One per layer, held once per model: variant size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Block {
     Conv(Convolution),
