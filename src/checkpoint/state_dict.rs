@@ -149,12 +149,18 @@ fn lookup(v: &Value, key: &str) -> Option<Value> {
     None
 }
 
+/// Nesting deeper than this is refused: no real checkpoint comes close, and it bounds recursion.
+const MAX_DEPTH: usize = 64;
+
 fn count_tensors(v: &Value) -> usize {
-    match v {
-        Value::Tensor(_) => 1,
-        Value::Dict(d) => d.borrow().iter().map(|(_, v)| count_tensors(v)).sum(),
-        _ => 0,
+    fn go(v: &Value, depth: usize) -> usize {
+        match v {
+            Value::Tensor(_) => 1,
+            Value::Dict(d) if depth < MAX_DEPTH => d.borrow().iter().map(|(_, v)| go(v, depth + 1)).sum(),
+            _ => 0,
+        }
     }
+    go(v, 0)
 }
 
 fn is_optimizer_state(v: &Value) -> bool {
@@ -224,6 +230,9 @@ fn flatten(
         Value::Tensor(t) => {
             out.push((prefix, t.clone()));
             Ok(())
+        }
+        Value::Dict(_) if prefix.matches('.').count() >= MAX_DEPTH => {
+            bail!("dicts nested more than {MAX_DEPTH} levels deep at {prefix:?}")
         }
         Value::Dict(d) => {
             for (k, v) in d.borrow().iter() {

@@ -155,7 +155,8 @@ impl TorchFile {
             Storages::Zip { archive, prefix } => {
                 let name = format!("{prefix}data/{}", s.key);
                 let mut e = archive.by_name(&name).with_context(|| format!("storage entry {name} missing"))?;
-                let mut buf = Vec::with_capacity(e.size() as usize);
+                // The declared size comes from the file: cap the pre-allocation, not the read.
+                let mut buf = Vec::with_capacity(e.size().min(1 << 28) as usize);
                 e.read_to_end(&mut buf).with_context(|| format!("cannot read storage {name} (truncated file?)"))?;
                 buf
             }
