@@ -14,10 +14,24 @@ fn medgen(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_medgen")).args(args).env("OMP_NUM_THREADS", "1").output().expect("medgen runs")
 }
 
-fn ok(args: &[&str]) -> String {
-    let o = medgen(args);
+/// `medgen convert --model aekl`.
+fn convert(cfg: &Path, input: &Path, output: &Path) -> Output {
+    medgen(&["convert", "--model", "aekl", "--config", s(cfg), "--input", s(input), "--output", s(output)])
+}
+
+/// `medgen forward --model aekl`, plus `extra` options.
+fn forward(cfg: &Path, weights: &Path, inputs: &Path, output: &Path, extra: &[&str]) -> Output {
+    let mut args =
+        vec!["forward", "--model", "aekl", "--config", s(cfg), "--weights", s(weights), "--inputs", s(inputs)];
+    args.extend(["--output", s(output)]);
+    args.extend(extra);
+    medgen(&args)
+}
+
+/// Asserts the command succeeded; returns what it printed.
+fn ok(o: Output) -> String {
     let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    assert!(o.status.success(), "medgen {args:?} failed:\n{out}\n{err}");
+    assert!(o.status.success(), "medgen failed:\n{out}\n{err}");
     format!("{out}{err}")
 }
 
@@ -31,17 +45,7 @@ fn round_trip(case: &str, expect_generation: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let weights = tmp.path().join("weights/aekl.safetensors");
     let cfg = dir.join("config.json");
-    let msg = ok(&[
-        "convert",
-        "--model",
-        "aekl",
-        "--config",
-        s(&cfg),
-        "--input",
-        s(&dir.join("state_dict.pt")),
-        "--output",
-        s(&weights),
-    ]);
+    let msg = ok(convert(&cfg, &dir.join("state_dict.pt"), &weights));
     assert!(msg.contains(expect_generation), "{msg}");
     let converted = StateDict::load(&weights, None).unwrap();
     assert_eq!(converted.metadata.get("medgen.generation").map(String::as_str), Some(expect_generation));
@@ -61,25 +65,7 @@ fn round_trip(case: &str, expect_generation: &str) {
         ("encode_stage_2_inputs", vec![("z", "encode_stage_2_inputs")]),
     ] {
         let out = tmp.path().join(format!("{op}.safetensors"));
-        ok(&[
-            "forward",
-            "--model",
-            "aekl",
-            "--config",
-            s(&cfg),
-            "--weights",
-            s(&weights),
-            "--inputs",
-            s(&in_path),
-            "--output",
-            s(&out),
-            "--op",
-            op,
-            "--seed",
-            "4321",
-            "--device",
-            "cpu",
-        ]);
+        ok(forward(&cfg, &weights, &in_path, &out, &["--op", op, "--seed", "4321", "--device", "cpu"]));
         let got = StateDict::load(&out, None).unwrap();
         for (name, reference) in outputs {
             let err = max_abs_diff(got.get(name).unwrap(), io.get(reference).unwrap());
@@ -111,19 +97,7 @@ fn forward_accepts_a_torch_checkpoint_directly() {
     let in_path = tmp.path().join("in.safetensors");
     inputs.save_safetensors(&in_path, &BTreeMap::new()).unwrap();
     let out = tmp.path().join("out.safetensors");
-    ok(&[
-        "forward",
-        "--model",
-        "aekl",
-        "--config",
-        s(&dir.join("config.json")),
-        "--weights",
-        s(&dir.join("state_dict.pt")),
-        "--inputs",
-        s(&in_path),
-        "--output",
-        s(&out),
-    ]);
+    ok(forward(&dir.join("config.json"), &dir.join("state_dict.pt"), &in_path, &out, &[]));
     let got = StateDict::load(&out, None).unwrap();
     let err = max_abs_diff(got.get("reconstruction").unwrap(), io.get("reconstruction").unwrap());
     assert!(err <= 1e-5, "{err}");
@@ -134,17 +108,7 @@ fn convert_with_the_wrong_config_fails_clearly_and_writes_nothing() {
     let root = fixtures().join("aekl");
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("x.safetensors");
-    let o = medgen(&[
-        "convert",
-        "--model",
-        "aekl",
-        "--config",
-        s(&root.join("no_attn-monai/config.json")),
-        "--input",
-        s(&root.join("attn_nonlocal-monai/state_dict.pt")),
-        "--output",
-        s(&out),
-    ]);
+    let o = convert(&root.join("no_attn-monai/config.json"), &root.join("attn_nonlocal-monai/state_dict.pt"), &out);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(
@@ -154,21 +118,8 @@ fn convert_with_the_wrong_config_fails_clearly_and_writes_nothing() {
     assert!(err.contains("attn_nonlocal-monai/state_dict.pt"), "names the file: {err}");
     assert!(!out.exists(), "nothing written on failure");
 
-    let o = medgen(&[
-        "forward",
-        "--model",
-        "aekl",
-        "--config",
-        s(&root.join("no_attn-monai/config.json")),
-        "--weights",
-        s(&root.join("no_attn-monai/state_dict.pt")),
-        "--inputs",
-        s(&out),
-        "--output",
-        s(&out),
-        "--device",
-        "cuda:7",
-    ]);
+    let no_attn = root.join("no_attn-monai");
+    let o = forward(&no_attn.join("config.json"), &no_attn.join("state_dict.pt"), &out, &out, &["--device", "cuda:7"]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("cuda:7"), "{err}");
@@ -183,17 +134,7 @@ fn bad_configs_name_the_problem() {
         r#"{"stage1": {"params": {"channels": [8, 16], "attention_levels": [false], "norm_num_groups": 4}}}"#,
     )
     .unwrap();
-    let o = medgen(&[
-        "convert",
-        "--model",
-        "aekl",
-        "--config",
-        s(&cfg),
-        "--input",
-        s(&cfg),
-        "--output",
-        s(&tmp.path().join("o")),
-    ]);
+    let o = convert(&cfg, &cfg, &tmp.path().join("o"));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(err.contains("bad.json") && err.contains("attention_levels"), "{err}");

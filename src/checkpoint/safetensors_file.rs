@@ -59,19 +59,13 @@ fn dtype_of(k: Kind) -> Result<Dtype> {
 pub fn read(path: &Path) -> Result<StateDict> {
     let buf = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let st = SafeTensors::deserialize(&buf).map_err(|e| anyhow!("corrupt safetensors file {}: {e}", path.display()))?;
-    let mut sd = StateDict::new();
-    // The format stores tensors sorted by dtype then name; keep the header's order of names.
     let (_, meta) = SafeTensors::read_metadata(&buf).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let mut sd = StateDict::new();
     if let Some(m) = meta.metadata() {
         sd.metadata = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     }
-    let mut names: Vec<(usize, String)> = Vec::new();
-    for (name, view) in st.tensors() {
-        let start = view.data().as_ptr() as usize - buf.as_ptr() as usize;
-        names.push((start, name));
-    }
-    names.sort();
-    for (_, name) in names {
+    // In the order the data sits in the file (the header itself is a JSON map, unordered).
+    for name in meta.offset_keys() {
         let view = st.tensor(&name).map_err(|e| anyhow!("{}: tensor {name}: {e}", path.display()))?;
         let kind = kind_of(view.dtype()).with_context(|| format!("{}: tensor {name}", path.display()))?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();

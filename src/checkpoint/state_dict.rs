@@ -84,7 +84,7 @@ impl StateDict {
                 sd.notes.push(label);
             }
             let mut refs = Vec::new();
-            flatten(&selected, String::new(), &mut refs, &mut sd.notes)?;
+            flatten(&selected, String::new(), 0, &mut refs, &mut sd.notes)?;
             for (name, t) in refs {
                 let tensor =
                     file.tensor(&t).with_context(|| format!("tensor {name:?} in {}", file.path().display()))?;
@@ -223,6 +223,7 @@ fn select(root: &Value, key: Option<&str>) -> Result<(Value, Option<String>)> {
 fn flatten(
     v: &Value,
     prefix: String,
+    depth: usize,
     out: &mut Vec<(String, super::pickle::TensorRef)>,
     notes: &mut Vec<String>,
 ) -> Result<()> {
@@ -231,14 +232,14 @@ fn flatten(
             out.push((prefix, t.clone()));
             Ok(())
         }
-        Value::Dict(_) if prefix.matches('.').count() >= MAX_DEPTH => {
+        Value::Dict(_) if depth >= MAX_DEPTH => {
             bail!("dicts nested more than {MAX_DEPTH} levels deep at {prefix:?}")
         }
         Value::Dict(d) => {
             for (k, v) in d.borrow().iter() {
                 let k = key_string(k).ok_or_else(|| anyhow!("non-string key {} under {prefix:?}", k.describe()))?;
                 let name = if prefix.is_empty() { k } else { format!("{prefix}.{k}") };
-                flatten(v, name, out, notes)?;
+                flatten(v, name, depth + 1, out, notes)?;
             }
             Ok(())
         }

@@ -1,11 +1,9 @@
 use super::{ModelArgs, ModelKind};
-use crate::checkpoint::{load_model, StateDict, META_GENERATION};
-use crate::config;
-use crate::device;
-use crate::nets::AutoencoderKL;
+use crate::checkpoint::META_GENERATION;
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use tch::Device;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -20,15 +18,10 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let dev = device::parse("cpu")?;
-    let (loaded_sd, generation, copied, cfg_json, n_in) = match a.m.model {
+    let (loaded_sd, generation, cfg_json) = match a.m.model {
         ModelKind::Aekl => {
-            let cfg = config::aekl_config(&a.m.config)?;
-            let sd = StateDict::load(&a.input, a.m.key.as_deref())?;
-            let n_in = sd.len();
-            let l = load_model(sd, dev, |p, g| AutoencoderKL::new(p, &cfg, g))
-                .with_context(|| format!("{} does not fit the config {}", a.input.display(), a.m.config.display()))?;
-            (l.state_dict, l.generation, l.report.copied.len(), serde_json::to_string(&cfg)?, n_in)
+            let l = a.m.load_aekl(&a.input, Device::Cpu)?;
+            (l.state_dict, l.generation, serde_json::to_string(l.model.config())?)
         }
     };
     for note in &loaded_sd.notes {
@@ -47,10 +40,11 @@ pub fn run(a: Args) -> Result<()> {
     }
     loaded_sd.save_safetensors(&a.output, &meta)?;
     println!(
-        "converted {} ({n_in} tensors, naming {}) -> {} ({copied} tensors, MONAI >= 1.4 names)",
+        "converted {} (naming {}) -> {} ({} tensors, MONAI >= 1.4 names)",
         a.input.display(),
         generation.as_str(),
-        a.output.display()
+        a.output.display(),
+        loaded_sd.len()
     );
     Ok(())
 }

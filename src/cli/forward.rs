@@ -1,9 +1,7 @@
 use super::{ModelArgs, ModelKind};
-use crate::checkpoint::{load_model, StateDict};
-use crate::config;
+use crate::checkpoint::StateDict;
 use crate::device;
-use crate::nets::AutoencoderKL;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use clap::ValueEnum;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -67,13 +65,10 @@ fn input(inputs: &StateDict, name: &str, dev: tch::Device) -> Result<Tensor> {
 pub fn run(a: Args) -> Result<()> {
     let dev = device::parse(&a.device)?;
     let inputs = StateDict::load(&a.inputs, None)?;
-    let sd = StateDict::load(&a.weights, a.m.key.as_deref())?;
     let mut out: Vec<(String, Tensor)> = Vec::new();
     match a.m.model {
         ModelKind::Aekl => {
-            let cfg = config::aekl_config(&a.m.config)?;
-            let l = load_model(sd, dev, |p, g| AutoencoderKL::new(p, &cfg, g))
-                .with_context(|| format!("{} does not fit the config {}", a.weights.display(), a.m.config.display()))?;
+            let l = a.m.load_aekl(&a.weights, dev)?;
             let m = &l.model;
             let _guard = tch::no_grad_guard();
             tch::manual_seed(a.seed);

@@ -3,7 +3,10 @@ mod convert;
 mod forward;
 mod inspect;
 
-use anyhow::Result;
+use crate::checkpoint::{load_model, Loaded, StateDict};
+use crate::config;
+use crate::nets::AutoencoderKL;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
@@ -41,6 +44,16 @@ pub struct ModelArgs {
     /// Entry of a training checkpoint holding the weights (e.g. `state_dict`, `model.ema`).
     #[arg(long)]
     pub key: Option<String>,
+}
+
+impl ModelArgs {
+    /// Reads the config, then the weights, and loads them strictly into an AutoencoderKL.
+    fn load_aekl(&self, weights: &std::path::Path, device: tch::Device) -> Result<Loaded<AutoencoderKL>> {
+        let cfg = config::aekl_config(&self.config)?;
+        let sd = StateDict::load(weights, self.key.as_deref())?;
+        load_model(sd, device, |p, g| AutoencoderKL::new(p, &cfg, g))
+            .with_context(|| format!("{} does not fit the config {}", weights.display(), self.config.display()))
+    }
 }
 
 pub fn run(cli: Cli) -> Result<()> {
