@@ -1,6 +1,6 @@
 //! JSON configs. They mirror the reference YAML files key for key (`stage1.params`,
 //! `ldm.params`, ...); a bare parameter object is accepted too.
-use crate::nets::AutoencoderKLConfig;
+use crate::nets::{AutoencoderKLConfig, ControlNetConfig, DiffusionModelUNetConfig};
 use anyhow::{Context, Result};
 use serde_json::Value;
 use std::path::Path;
@@ -18,9 +18,26 @@ pub fn model_params(root: &Value, section: &str) -> Value {
 
 /// The AutoencoderKL parameters of a config file (its `stage1.params`).
 pub fn aekl_config(path: &Path) -> Result<AutoencoderKLConfig> {
-    let params = model_params(&read_json(path)?, "stage1");
-    let cfg: AutoencoderKLConfig = serde_json::from_value(params)
-        .with_context(|| format!("{}: invalid AutoencoderKL parameters", path.display()))?;
+    let cfg: AutoencoderKLConfig = parse_params(path, "stage1", "AutoencoderKL")?;
     cfg.validate().with_context(|| format!("{}: invalid AutoencoderKL parameters", path.display()))?;
+    Ok(cfg)
+}
+
+fn parse_params<T: serde::de::DeserializeOwned>(path: &Path, section: &str, what: &str) -> Result<T> {
+    let params = model_params(&read_json(path)?, section);
+    serde_json::from_value(params).with_context(|| format!("{}: invalid {what} parameters", path.display()))
+}
+
+/// The DiffusionModelUNet parameters of a config file (its `ldm.params`).
+pub fn unet_config(path: &Path) -> Result<DiffusionModelUNetConfig> {
+    let cfg: DiffusionModelUNetConfig = parse_params(path, "ldm", "DiffusionModelUNet")?;
+    cfg.validate().with_context(|| format!("{}: invalid DiffusionModelUNet parameters", path.display()))?;
+    Ok(cfg)
+}
+
+/// The ControlNet parameters of a config file (its `controlnet.params`).
+pub fn controlnet_config(path: &Path) -> Result<ControlNetConfig> {
+    let cfg: ControlNetConfig = parse_params(path, "controlnet", "ControlNet")?;
+    cfg.validate().with_context(|| format!("{}: invalid ControlNet parameters", path.display()))?;
     Ok(cfg)
 }

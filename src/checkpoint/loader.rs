@@ -121,6 +121,13 @@ pub fn load_strict(vs: &VarStore, sd: &StateDict) -> Result<LoadReport> {
     Ok(report)
 }
 
+/// What `load_partial` would do, without copying anything.
+pub fn plan_partial(vs: &VarStore, sd: &StateDict) -> LoadReport {
+    let (mut report, copies) = plan(vs, sd);
+    report.copied = copies.into_iter().map(|(_, name)| name).collect();
+    report
+}
+
 /// Copies every entry whose name and shape match, leaves the other variables as they are,
 /// and reports what was copied and what was not (MONAI's `strict=False`, made visible).
 pub fn load_partial(vs: &VarStore, sd: &StateDict) -> Result<LoadReport> {

@@ -7,7 +7,7 @@ pub mod safetensors_file;
 pub mod state_dict;
 pub mod torch_file;
 
-pub use loader::{load_partial, load_strict, LoadReport};
+pub use loader::{load_partial, load_strict, plan_partial, LoadReport};
 pub use naming::Generation;
 pub use state_dict::StateDict;
 

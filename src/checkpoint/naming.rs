@@ -5,6 +5,7 @@
 //! set so that no rule can fire where it does not belong:
 //!
 //! * attention `B.to_q|to_k|to_v.*`  ->  `B.attn.to_q|to_k|to_v.*`
+//! * transformer attention output `B.attn1|attn2.to_out.0.*`  ->  `B.attn1|attn2.out_proj.*`
 //! * nearest-upsample conv `B.conv.conv.*`  ->  `B.postconv.conv.*`
 //! * `B.proj_attn.*` is dropped. monai-generative creates it but never applies it (since its
 //!   commit "Optimise Attention Mechanisms", Jan 2023), so an old checkpoint's outputs never
@@ -41,8 +42,9 @@ impl Generation {
         }
     }
 
-    /// Guesses from key names: old attention blocks hold `proj_attn` and their `to_q` is not
-    /// under `attn`; old upsample convs are `conv.conv` inside the decoder.
+    /// Guesses from key names: old spatial attention blocks hold `proj_attn` and their `to_q`
+    /// is not under `attn`; old transformer attention has `to_out.0`; old upsample convs are
+    /// `conv.conv` (AE decoder, UNet `upsampler`).
     pub fn detect<'a>(names: impl IntoIterator<Item = &'a String>) -> Self {
         for n in names {
             if n.contains(".proj_attn.") {
@@ -51,11 +53,16 @@ impl Generation {
             let parts: Vec<&str> = n.split('.').collect();
             if parts.len() >= 3 {
                 let leaf = parts[parts.len() - 2];
-                if matches!(leaf, "to_q" | "to_k" | "to_v") && parts[parts.len() - 3] != "attn" {
+                // Transformer attention is `attn1|attn2.to_q` in both generations.
+                let parent = parts[parts.len() - 3];
+                if matches!(leaf, "to_q" | "to_k" | "to_v") && !matches!(parent, "attn" | "attn1" | "attn2") {
                     return Generation::Generative;
                 }
             }
-            if n.starts_with("decoder.blocks.") && n.contains(".conv.conv.") {
+            if n.contains(".to_out.0.") {
+                return Generation::Generative;
+            }
+            if (n.starts_with("decoder.blocks.") || n.contains(".upsampler.")) && n.contains(".conv.conv.") {
                 return Generation::Generative;
             }
         }
@@ -93,6 +100,12 @@ pub fn rename_generative(sd: StateDict, model: &HashMap<String, Vec<i64>>) -> Re
                     }
                     new_name = Some(cand);
                 }
+            }
+        }
+        if new_name.is_none() && name.contains(".to_out.0.") {
+            let cand = name.replacen(".to_out.0.", ".out_proj.", 1);
+            if model.contains_key(&cand) {
+                new_name = Some(cand);
             }
         }
         if new_name.is_none() && name.contains(".conv.conv.") {

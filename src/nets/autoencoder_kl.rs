@@ -8,29 +8,16 @@
 //! Unlike the original LDM VAE: the encoder outputs `latent_channels` (mean and log-variance
 //! come from two 1x1 convs), there is no SiLU between the last GroupNorm and `conv_out`, and
 //! each decoder level has `num_res_blocks` (not `+1`) ResBlocks.
-use super::blocks::{group_norm, AttentionMath, Convolution, SpatialAttentionBlock, TransposedConvolution};
+use super::blocks::{
+    group_norm, AttentionMath, AttentionOptions, Convolution, SpatialAttentionBlock, TransposedConvolution,
+};
 use crate::checkpoint::Generation;
 use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::Tensor;
 
-/// An `int` repeated per level, or one value per level (MONAI accepts both).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum PerLevel {
-    Same(i64),
-    Each(Vec<i64>),
-}
-
-impl PerLevel {
-    pub fn expand(&self, levels: usize) -> Vec<i64> {
-        match self {
-            PerLevel::Same(n) => vec![*n; levels],
-            PerLevel::Each(v) => v.clone(),
-        }
-    }
-}
+pub use super::blocks::PerLevel;
 
 /// Constructor arguments of MONAI's `AutoencoderKL`, with its defaults. The monai-generative
 /// 0.2 names (`num_channels`, `use_checkpointing`) are accepted as aliases.
@@ -240,12 +227,7 @@ pub struct Decoder {
 }
 
 fn attention(p: &nn::Path, c: i64, cfg: &AutoencoderKLConfig, generation: Generation) -> Block {
-    let math = match (generation, cfg.use_flash_attention) {
-        // The old library's flash option is xformers, numerically the same attention.
-        (Generation::Generative, _) => AttentionMath::Baddbmm,
-        (Generation::Monai, true) => AttentionMath::Sdpa,
-        (Generation::Monai, false) => AttentionMath::Einsum,
-    };
+    let opts = AttentionOptions::new(AttentionMath::for_library(generation, cfg.use_flash_attention));
     // The AE never passes num_head_channels: one head of width c.
     Block::Attn(SpatialAttentionBlock::new(
         p,
@@ -255,7 +237,7 @@ fn attention(p: &nn::Path, c: i64, cfg: &AutoencoderKLConfig, generation: Genera
         cfg.norm_eps,
         cfg.include_fc,
         cfg.use_combined_linear,
-        math,
+        opts,
     ))
 }
 

@@ -1,7 +1,26 @@
 //! Layers shared by the MONAI generative networks, named as their PyTorch modules are so that
 //! a state-dict key maps to exactly one VarStore path.
+use crate::checkpoint::Generation;
+use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
-use tch::Tensor;
+use tch::{Kind, Tensor};
+
+/// An `int` repeated per level, or one value per level (MONAI accepts both).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PerLevel {
+    Same(i64),
+    Each(Vec<i64>),
+}
+
+impl PerLevel {
+    pub fn expand(&self, levels: usize) -> Vec<i64> {
+        match self {
+            PerLevel::Same(n) => vec![*n; levels],
+            PerLevel::Each(v) => v.clone(),
+        }
+    }
+}
 
 /// `monai.networks.blocks.Convolution(conv_only=True)`: an `nn.Sequential` whose one child is
 /// named `conv`, hence the extra `.conv` in every key (`P.conv.weight`).
@@ -15,6 +34,24 @@ impl Convolution {
         let cfg = nn::ConvConfig { stride, padding, ..Default::default() };
         Self { conv: nn::conv2d(p / "conv", cin, cout, kernel, cfg) }
     }
+
+    /// MONAI's `zero_module(Convolution(...))`: weights and bias start at zero, so a
+    /// residual branch or a ControlNet output starts as a no-op.
+    pub fn zeroed(p: &nn::Path, cin: i64, cout: i64, kernel: i64, stride: i64, padding: i64) -> Self {
+        Self { conv: zero_conv2d(&(p / "conv"), cin, cout, kernel, stride, padding) }
+    }
+}
+
+/// A bare `nn.Conv2d` with zero weights and bias (`zero_module(nn.Conv2d(...))`).
+pub fn zero_conv2d(p: &nn::Path, cin: i64, cout: i64, kernel: i64, stride: i64, padding: i64) -> nn::Conv2D {
+    let cfg = nn::ConvConfig {
+        stride,
+        padding,
+        ws_init: nn::Init::Const(0.0),
+        bs_init: nn::Init::Const(0.0),
+        ..Default::default()
+    };
+    nn::conv2d(p, cin, cout, kernel, cfg)
 }
 
 impl Module for Convolution {
@@ -48,20 +85,6 @@ pub fn group_norm(p: &nn::Path, groups: i64, channels: i64, eps: f64) -> nn::Gro
     nn::group_norm(p, groups, channels, nn::GroupNormConfig { eps, ..Default::default() })
 }
 
-/// `monai.networks.blocks.SABlock` (self-attention over a token sequence) as used inside
-/// `SpatialAttentionBlock`: `qkv_bias=True`, no dropout, no causal mask.
-#[derive(Debug)]
-pub struct SABlock {
-    to_q: Option<nn::Linear>,
-    to_k: Option<nn::Linear>,
-    to_v: Option<nn::Linear>,
-    qkv: Option<nn::Linear>,
-    out_proj: Option<nn::Linear>,
-    num_heads: i64,
-    scale: f64,
-    math: AttentionMath,
-}
-
 /// How attention scores are computed. The results agree to float32 rounding; each library's
 /// own formula makes medgen bit-exact with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,75 +97,197 @@ pub enum AttentionMath {
     Sdpa,
 }
 
-impl SABlock {
-    pub fn new(
-        p: &nn::Path,
-        hidden_size: i64,
-        num_heads: i64,
-        include_fc: bool,
-        use_combined_linear: bool,
-        math: AttentionMath,
-    ) -> Self {
-        let lin = |name: &str, i, o| nn::linear(p / name, i, o, Default::default());
-        let (to_q, to_k, to_v, qkv) = if use_combined_linear {
-            (None, None, None, Some(lin("qkv", hidden_size, 3 * hidden_size)))
-        } else {
-            (
-                Some(lin("to_q", hidden_size, hidden_size)),
-                Some(lin("to_k", hidden_size, hidden_size)),
-                Some(lin("to_v", hidden_size, hidden_size)),
-                None,
-            )
-        };
-        let out_proj = include_fc.then(|| lin("out_proj", hidden_size, hidden_size));
-        let dim_head = hidden_size / num_heads;
-        Self { to_q, to_k, to_v, qkv, out_proj, num_heads, scale: (dim_head as f64).powf(-0.5), math }
+impl AttentionMath {
+    /// The formula of a library. monai-generative's flash option is xformers, numerically the
+    /// same attention as its `baddbmm` path.
+    pub fn for_library(generation: Generation, use_flash_attention: bool) -> Self {
+        match (generation, use_flash_attention) {
+            (Generation::Generative, _) => AttentionMath::Baddbmm,
+            (Generation::Monai, true) => AttentionMath::Sdpa,
+            (Generation::Monai, false) => AttentionMath::Einsum,
+        }
     }
 
-    /// `x`: (batch, tokens, channels).
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let (b, n, c) = x.size3().expect("SABlock input is (batch, tokens, channels)");
-        let h = self.num_heads;
-        let d = c / h;
-        // "b n (l d) -> b l n d": the head index is the outer factor of the channels.
-        let heads = |t: Tensor| t.view([b, n, h, d]).permute([0, 2, 1, 3]);
-        let (q, k, v) = match &self.qkv {
-            Some(qkv) => {
-                // "b n (qkv l d) -> qkv b l n d"
-                let t = x.apply(qkv).view([b, n, 3, h, d]).permute([2, 0, 3, 1, 4]);
-                (t.get(0), t.get(1), t.get(2))
-            }
-            None => (
-                heads(x.apply(self.to_q.as_ref().unwrap())),
-                heads(x.apply(self.to_k.as_ref().unwrap())),
-                heads(x.apply(self.to_v.as_ref().unwrap())),
-            ),
-        };
-        let out = match self.math {
-            AttentionMath::Sdpa => {
-                Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, self.scale, false)
-            }
-            AttentionMath::Einsum => {
-                let att = q.matmul(&k.transpose(-1, -2)) * self.scale;
-                att.softmax(-1, None).matmul(&v)
-            }
-            AttentionMath::Baddbmm => {
-                let (q, k, v) = (q.reshape([b * h, n, d]), k.reshape([b * h, n, d]), v.reshape([b * h, n, d]));
-                let zeros = Tensor::zeros([b * h, n, n], (q.kind(), q.device()));
-                let att = zeros.baddbmm(&q, &k.transpose(-1, -2), 0.0, self.scale);
-                att.softmax(-1, None).bmm(&v).view([b, h, n, d])
-            }
-        };
-        let out = out.permute([0, 2, 1, 3]).reshape([b, n, c]);
-        match &self.out_proj {
-            Some(o) => out.apply(o),
-            None => out,
+    /// `1/sqrt(d)` as each library writes it (`1 / math.sqrt(d)` vs `d ** -0.5`), so the
+    /// scale is the same float down to the last bit.
+    pub fn scale(self, dim_head: i64) -> f64 {
+        match self {
+            AttentionMath::Baddbmm => 1.0 / (dim_head as f64).sqrt(),
+            AttentionMath::Einsum | AttentionMath::Sdpa => (dim_head as f64).powf(-0.5),
         }
     }
 }
 
+/// What every attention layer shares: the formula, the upcast and the dropout.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionOptions {
+    pub math: AttentionMath,
+    /// `upcast_attention`: queries and keys (hence scores and softmax) in float32.
+    pub upcast: bool,
+    /// Dropout on the attention weights and the output (training only).
+    pub dropout: f64,
+}
+
+impl AttentionOptions {
+    pub fn new(math: AttentionMath) -> Self {
+        Self { math, upcast: false, dropout: 0.0 }
+    }
+}
+
+/// Scaled dot-product attention over `(batch, heads, tokens, dim_head)` tensors.
+fn attend(q: Tensor, k: Tensor, v: &Tensor, opts: &AttentionOptions, train: bool) -> Tensor {
+    let (b, h, nq, d) = q.size4().expect("attention query is (batch, heads, tokens, dim)");
+    let nk = k.size()[2];
+    let scale = opts.math.scale(d);
+    let value_kind = v.kind();
+    let (q, k) = if opts.upcast { (q.to_kind(Kind::Float), k.to_kind(Kind::Float)) } else { (q, k) };
+    let p_drop = if train { opts.dropout } else { 0.0 };
+    match opts.math {
+        AttentionMath::Sdpa => {
+            let v = if opts.upcast { v.to_kind(Kind::Float) } else { v.shallow_clone() };
+            Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, p_drop, false, scale, false)
+                .to_kind(value_kind)
+        }
+        AttentionMath::Einsum => {
+            let att = q.matmul(&k.transpose(-1, -2)) * scale;
+            let att = att.softmax(-1, None).to_kind(value_kind).dropout(p_drop, train);
+            att.matmul(v)
+        }
+        AttentionMath::Baddbmm => {
+            let q = q.reshape([b * h, nq, d]);
+            let k = k.reshape([b * h, nk, d]);
+            let zeros = Tensor::zeros([b * h, nq, nk], (q.kind(), q.device()));
+            let att = zeros.baddbmm(&q, &k.transpose(-1, -2), 0.0, scale);
+            let att = att.softmax(-1, None).to_kind(value_kind).dropout(p_drop, train);
+            att.bmm(&v.reshape([b * h, nk, d])).view([b, h, nq, d])
+        }
+    }
+}
+
+/// "b n (l d) -> b l n d": the head index is the outer factor of the channels.
+fn split_heads(t: Tensor, heads: i64) -> Tensor {
+    let (b, n, c) = t.size3().expect("attention input is (batch, tokens, channels)");
+    t.view([b, n, heads, c / heads]).permute([0, 2, 1, 3])
+}
+
+/// "b l n d -> b n (l d)"
+fn merge_heads(t: Tensor) -> Tensor {
+    let (b, h, n, d) = t.size4().expect("attention output is (batch, heads, tokens, dim)");
+    t.permute([0, 2, 1, 3]).reshape([b, n, h * d])
+}
+
+/// Sizes of a `SABlock`, named as its constructor arguments.
+#[derive(Debug, Clone, Copy)]
+pub struct SABlockConfig {
+    /// Width of the input and of the output projection (`hidden_input_size`).
+    pub hidden_input_size: i64,
+    pub num_heads: i64,
+    pub dim_head: i64,
+    pub qkv_bias: bool,
+    pub include_fc: bool,
+    pub use_combined_linear: bool,
+}
+
+/// `monai.networks.blocks.SABlock` (self-attention over a token sequence), no causal mask.
+#[derive(Debug)]
+pub struct SABlock {
+    to_q: Option<nn::Linear>,
+    to_k: Option<nn::Linear>,
+    to_v: Option<nn::Linear>,
+    qkv: Option<nn::Linear>,
+    out_proj: Option<nn::Linear>,
+    num_heads: i64,
+    opts: AttentionOptions,
+}
+
+fn linear(p: &nn::Path, name: &str, i: i64, o: i64, bias: bool) -> nn::Linear {
+    nn::linear(p / name, i, o, nn::LinearConfig { bias, ..Default::default() })
+}
+
+impl SABlock {
+    pub fn new(p: &nn::Path, cfg: SABlockConfig, opts: AttentionOptions) -> Self {
+        let (c, inner) = (cfg.hidden_input_size, cfg.num_heads * cfg.dim_head);
+        let (to_q, to_k, to_v, qkv) = if cfg.use_combined_linear {
+            (None, None, None, Some(linear(p, "qkv", c, 3 * inner, cfg.qkv_bias)))
+        } else {
+            (
+                Some(linear(p, "to_q", c, inner, cfg.qkv_bias)),
+                Some(linear(p, "to_k", c, inner, cfg.qkv_bias)),
+                Some(linear(p, "to_v", c, inner, cfg.qkv_bias)),
+                None,
+            )
+        };
+        let out_proj = cfg.include_fc.then(|| linear(p, "out_proj", inner, c, true));
+        Self { to_q, to_k, to_v, qkv, out_proj, num_heads: cfg.num_heads, opts }
+    }
+
+    /// `x`: (batch, tokens, channels).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let h = self.num_heads;
+        let (q, k, v) = match &self.qkv {
+            Some(qkv) => {
+                let (b, n, _) = x.size3().expect("SABlock input is (batch, tokens, channels)");
+                // "b n (qkv l d) -> qkv b l n d"
+                let t = x.apply(qkv).view([b, n, 3, h, -1]).permute([2, 0, 3, 1, 4]);
+                (t.get(0), t.get(1), t.get(2))
+            }
+            None => (
+                split_heads(x.apply(self.to_q.as_ref().unwrap()), h),
+                split_heads(x.apply(self.to_k.as_ref().unwrap()), h),
+                split_heads(x.apply(self.to_v.as_ref().unwrap()), h),
+            ),
+        };
+        let out = merge_heads(attend(q, k, &v, &self.opts, train));
+        match &self.out_proj {
+            Some(o) => out.apply(o).dropout(self.opts.dropout, train),
+            None => out.dropout(self.opts.dropout, train),
+        }
+    }
+}
+
+/// `monai.networks.blocks.CrossAttentionBlock`: queries from `x`, keys and values from the
+/// context (from `x` when there is none); the output projection is always there.
+#[derive(Debug)]
+pub struct CrossAttentionBlock {
+    to_q: nn::Linear,
+    to_k: nn::Linear,
+    to_v: nn::Linear,
+    out_proj: nn::Linear,
+    num_heads: i64,
+    opts: AttentionOptions,
+}
+
+impl CrossAttentionBlock {
+    pub fn new(
+        p: &nn::Path,
+        hidden_input_size: i64,
+        context_input_size: i64,
+        num_heads: i64,
+        dim_head: i64,
+        opts: AttentionOptions,
+    ) -> Self {
+        let inner = num_heads * dim_head;
+        Self {
+            to_q: linear(p, "to_q", hidden_input_size, inner, false),
+            to_k: linear(p, "to_k", context_input_size, inner, false),
+            to_v: linear(p, "to_v", context_input_size, inner, false),
+            out_proj: linear(p, "out_proj", inner, hidden_input_size, true),
+            num_heads,
+            opts,
+        }
+    }
+
+    pub fn forward_t(&self, x: &Tensor, context: Option<&Tensor>, train: bool) -> Tensor {
+        let kv = context.unwrap_or(x);
+        let q = split_heads(x.apply(&self.to_q), self.num_heads);
+        let k = split_heads(kv.apply(&self.to_k), self.num_heads);
+        let v = split_heads(kv.apply(&self.to_v), self.num_heads);
+        merge_heads(attend(q, k, &v, &self.opts, train)).apply(&self.out_proj).dropout(self.opts.dropout, train)
+    }
+}
+
 /// `monai.networks.blocks.SpatialAttentionBlock`: GroupNorm, attention over the flattened
-/// spatial positions (row-major), residual.
+/// spatial positions (row-major), residual. `qkv_bias=True`, heads of `channels / num_heads`.
 #[derive(Debug)]
 pub struct SpatialAttentionBlock {
     norm: nn::GroupNorm,
@@ -159,21 +304,30 @@ impl SpatialAttentionBlock {
         eps: f64,
         include_fc: bool,
         use_combined_linear: bool,
-        math: AttentionMath,
+        opts: AttentionOptions,
     ) -> Self {
-        Self {
-            norm: group_norm(&(p / "norm"), groups, channels, eps),
-            attn: SABlock::new(&(p / "attn"), channels, num_heads, include_fc, use_combined_linear, math),
-        }
+        let cfg = SABlockConfig {
+            hidden_input_size: channels,
+            num_heads,
+            dim_head: channels / num_heads,
+            qkv_bias: true,
+            include_fc,
+            use_combined_linear,
+        };
+        Self { norm: group_norm(&(p / "norm"), groups, channels, eps), attn: SABlock::new(&(p / "attn"), cfg, opts) }
+    }
+
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let shape = x.size();
+        let (b, c) = (shape[0], shape[1]);
+        let h = x.apply(&self.norm).reshape([b, c, -1]).transpose(1, 2);
+        let h = self.attn.forward_t(&h, train).transpose(1, 2).reshape(shape.as_slice());
+        h + x
     }
 }
 
 impl Module for SpatialAttentionBlock {
     fn forward(&self, x: &Tensor) -> Tensor {
-        let shape = x.size();
-        let (b, c) = (shape[0], shape[1]);
-        let h = x.apply(&self.norm).reshape([b, c, -1]).transpose(1, 2);
-        let h = self.attn.forward(&h).transpose(1, 2).reshape(shape.as_slice());
-        h + x
+        self.forward_t(x, false)
     }
 }

@@ -3,3 +3,9 @@ pub mod autoencoder_kl;
 pub mod blocks;
 
 pub use autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
+pub mod diffusion_model_unet;
+
+pub use diffusion_model_unet::{Conditioning, DiffusionModelUNet, DiffusionModelUNetConfig};
+pub mod controlnet;
+
+pub use controlnet::{ControlNet, ControlNetConfig, ControlNetOutput};

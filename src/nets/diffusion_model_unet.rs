@@ -1,0 +1,817 @@
+//! DiffusionModelUNet (2D), after MONAI 1.6.1 `monai/networks/nets/diffusion_model_unet.py`
+//! and monai-generative 0.2.3 `generative/networks/nets/diffusion_model_unet.py` (same
+//! architecture, two naming generations; see `checkpoint::naming`).
+//!
+//! The encoder half (time embedding, `conv_in`, down blocks, middle block) is public to the
+//! crate because the ControlNet is built from the very same modules.
+use super::blocks::{
+    group_norm, AttentionMath, AttentionOptions, Convolution, CrossAttentionBlock, PerLevel, SABlock, SABlockConfig,
+    SpatialAttentionBlock,
+};
+use crate::checkpoint::Generation;
+use anyhow::{bail, ensure, Result};
+use serde::{Deserialize, Serialize};
+use tch::nn;
+use tch::{Kind, Tensor};
+
+/// Constructor arguments of MONAI's `DiffusionModelUNet`, with its defaults. The
+/// monai-generative name `num_channels` is accepted as an alias of `channels`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiffusionModelUNetConfig {
+    pub spatial_dims: i64,
+    pub in_channels: i64,
+    pub out_channels: i64,
+    pub num_res_blocks: PerLevel,
+    #[serde(alias = "num_channels")]
+    pub channels: Vec<i64>,
+    pub attention_levels: Vec<bool>,
+    pub norm_num_groups: i64,
+    pub norm_eps: f64,
+    pub resblock_updown: bool,
+    /// Channels per head (`heads = channels[i] / num_head_channels[i]`). Ignored, and may be 0,
+    /// at levels without attention; the last entry always serves the middle block.
+    pub num_head_channels: PerLevel,
+    pub with_conditioning: bool,
+    pub transformer_num_layers: i64,
+    pub cross_attention_dim: Option<i64>,
+    pub num_class_embeds: Option<i64>,
+    pub upcast_attention: bool,
+    pub dropout_cattn: f64,
+    pub include_fc: bool,
+    pub use_combined_linear: bool,
+    pub use_flash_attention: bool,
+}
+
+impl Default for DiffusionModelUNetConfig {
+    fn default() -> Self {
+        Self {
+            spatial_dims: 2,
+            in_channels: 1,
+            out_channels: 1,
+            num_res_blocks: PerLevel::Each(vec![2, 2, 2, 2]),
+            channels: vec![32, 64, 64, 64],
+            attention_levels: vec![false, false, true, true],
+            norm_num_groups: 32,
+            norm_eps: 1e-6,
+            resblock_updown: false,
+            num_head_channels: PerLevel::Same(8),
+            with_conditioning: false,
+            transformer_num_layers: 1,
+            cross_attention_dim: None,
+            num_class_embeds: None,
+            upcast_attention: false,
+            dropout_cattn: 0.0,
+            include_fc: true,
+            use_combined_linear: false,
+            use_flash_attention: false,
+        }
+    }
+}
+
+impl DiffusionModelUNetConfig {
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.in_channels > 0 && self.out_channels > 0, "DiffusionModelUNet: channel counts must be positive");
+        ensure!(
+            (0.0..=1.0).contains(&self.dropout_cattn),
+            "DiffusionModelUNet: dropout_cattn must be in [0, 1], got {}",
+            self.dropout_cattn
+        );
+        self.encoder().validate("DiffusionModelUNet")
+    }
+
+    pub(crate) fn encoder(&self) -> EncoderSpec {
+        EncoderSpec {
+            spatial_dims: self.spatial_dims,
+            in_channels: self.in_channels,
+            num_res_blocks: self.num_res_blocks.clone(),
+            channels: self.channels.clone(),
+            attention_levels: self.attention_levels.clone(),
+            norm_num_groups: self.norm_num_groups,
+            norm_eps: self.norm_eps,
+            resblock_updown: self.resblock_updown,
+            num_head_channels: self.num_head_channels.clone(),
+            with_conditioning: self.with_conditioning,
+            transformer_num_layers: self.transformer_num_layers,
+            cross_attention_dim: self.cross_attention_dim,
+            num_class_embeds: self.num_class_embeds,
+            upcast_attention: self.upcast_attention,
+            dropout_cattn: self.dropout_cattn,
+            include_fc: self.include_fc,
+            use_combined_linear: self.use_combined_linear,
+            use_flash_attention: self.use_flash_attention,
+        }
+    }
+}
+
+/// The arguments the UNet and the ControlNet share: everything that builds the encoder half.
+#[derive(Debug, Clone)]
+pub(crate) struct EncoderSpec {
+    pub spatial_dims: i64,
+    pub in_channels: i64,
+    pub num_res_blocks: PerLevel,
+    pub channels: Vec<i64>,
+    pub attention_levels: Vec<bool>,
+    pub norm_num_groups: i64,
+    pub norm_eps: f64,
+    pub resblock_updown: bool,
+    pub num_head_channels: PerLevel,
+    pub with_conditioning: bool,
+    pub transformer_num_layers: i64,
+    pub cross_attention_dim: Option<i64>,
+    pub num_class_embeds: Option<i64>,
+    pub upcast_attention: bool,
+    pub dropout_cattn: f64,
+    pub include_fc: bool,
+    pub use_combined_linear: bool,
+    pub use_flash_attention: bool,
+}
+
+impl EncoderSpec {
+    /// MONAI's constructor checks, plus the ones that would otherwise surface as a division
+    /// by zero or a shape error deep inside a forward pass.
+    pub fn validate(&self, model: &str) -> Result<()> {
+        ensure!(self.spatial_dims == 2, "{model}: only spatial_dims = 2 is supported, got {}", self.spatial_dims);
+        ensure!(!self.channels.is_empty(), "{model}: channels must not be empty");
+        ensure!(self.norm_num_groups > 0, "{model}: norm_num_groups must be positive");
+        if let Some(c) = self.channels.iter().find(|&&c| c <= 0 || c % self.norm_num_groups != 0) {
+            bail!(
+                "{model} expects all channels being multiple of norm_num_groups: {c} is not a multiple of {}",
+                self.norm_num_groups
+            );
+        }
+        let levels = self.channels.len();
+        ensure!(
+            self.attention_levels.len() == levels,
+            "{model} expects channels ({levels}) and attention_levels ({}) of the same length",
+            self.attention_levels.len()
+        );
+        match (self.with_conditioning, self.cross_attention_dim) {
+            (true, None) => bail!("{model}: with_conditioning = true needs cross_attention_dim"),
+            (false, Some(_)) => bail!("{model}: cross_attention_dim is given, so with_conditioning must be true"),
+            (_, Some(d)) if d <= 0 => bail!("{model}: cross_attention_dim must be positive, got {d}"),
+            _ => {}
+        }
+        let nrb = self.num_res_blocks.expand(levels);
+        ensure!(
+            nrb.len() == levels && nrb.iter().all(|&n| n >= 0),
+            "{model}: num_res_blocks must be one non-negative integer or one per level ({levels}), got {nrb:?}"
+        );
+        let nhc = self.num_head_channels.expand(levels);
+        ensure!(
+            nhc.len() == levels,
+            "{model}: num_head_channels must be one integer or one per level ({levels}), got {nhc:?}"
+        );
+        ensure!(self.transformer_num_layers >= 1, "{model}: transformer_num_layers must be at least 1");
+        if let Some(k) = self.num_class_embeds {
+            ensure!(k > 0, "{model}: num_class_embeds must be positive, got {k}");
+        }
+        // The middle block always has attention, with the last level's head width.
+        for (i, (&c, &h)) in self.channels.iter().zip(&nhc).enumerate() {
+            if !(self.attention_levels[i] || i == levels - 1) {
+                continue;
+            }
+            let where_ = if self.attention_levels[i] { format!("level {i}") } else { "the middle block".into() };
+            ensure!(
+                h > 0 && h <= c,
+                "{model}: num_head_channels[{i}] = {h} gives no attention head for {where_} ({c} channels)"
+            );
+            if !self.with_conditioning {
+                ensure!(
+                    c % (c / h) == 0,
+                    "{model}: {c} channels at {where_} do not split into {} heads (num_head_channels {h})",
+                    c / h
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn levels(&self) -> usize {
+        self.channels.len()
+    }
+
+    pub fn time_embed_dim(&self) -> i64 {
+        4 * self.channels[0]
+    }
+}
+
+/// Sinusoidal timestep embedding, cosines first, in float32: `get_timestep_embedding` of
+/// both libraries (diffusers' `flip_sin_to_cos=True, downscale_freq_shift=0`).
+pub fn get_timestep_embedding(timesteps: &Tensor, embedding_dim: i64, max_period: f64) -> Result<Tensor> {
+    ensure!(timesteps.dim() == 1, "Timesteps should be a 1d-array, got shape {:?}", timesteps.size());
+    let half_dim = embedding_dim / 2;
+    let exponent = Tensor::arange(half_dim, (Kind::Float, timesteps.device())) * (-max_period.ln());
+    let freqs = (exponent / half_dim as f64).exp();
+    let args = timesteps.unsqueeze(1).to_kind(Kind::Float) * freqs.unsqueeze(0);
+    let embedding = Tensor::cat(&[args.cos(), args.sin()], -1);
+    Ok(if embedding_dim % 2 == 1 { embedding.constant_pad_nd([0, 1, 0, 0]) } else { embedding })
+}
+
+/// `DiffusionUNetResnetBlock` (old: `ResnetBlock`).
+#[derive(Debug)]
+pub(crate) struct ResnetBlock {
+    norm1: nn::GroupNorm,
+    conv1: Convolution,
+    time_emb_proj: nn::Linear,
+    norm2: nn::GroupNorm,
+    conv2: Convolution,
+    skip_connection: Option<Convolution>,
+    resample: Resample,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Resample {
+    None,
+    /// Nearest x2 of both branches (`resblock_updown` upsampler).
+    Up,
+    /// 2x2 average pooling of both branches (`resblock_updown` downsampler).
+    Down,
+}
+
+impl ResnetBlock {
+    fn new(p: &nn::Path, cin: i64, cout: i64, temb: i64, spec: &EncoderSpec, resample: Resample) -> Self {
+        let (g, eps) = (spec.norm_num_groups, spec.norm_eps);
+        Self {
+            norm1: group_norm(&(p / "norm1"), g, cin, eps),
+            conv1: Convolution::new(&(p / "conv1"), cin, cout, 3, 1, 1),
+            time_emb_proj: nn::linear(p / "time_emb_proj", temb, cout, Default::default()),
+            norm2: group_norm(&(p / "norm2"), g, cout, eps),
+            conv2: Convolution::zeroed(&(p / "conv2"), cout, cout, 3, 1, 1),
+            skip_connection: (cin != cout).then(|| Convolution::new(&(p / "skip_connection"), cin, cout, 1, 1, 0)),
+            resample,
+        }
+    }
+
+    fn forward(&self, x: &Tensor, emb: &Tensor) -> Tensor {
+        let mut h = x.apply(&self.norm1).silu();
+        let x = match self.resample {
+            Resample::None => x.shallow_clone(),
+            Resample::Up => {
+                h = upsample_nearest(&h);
+                upsample_nearest(x)
+            }
+            Resample::Down => {
+                h = avg_pool(&h);
+                avg_pool(x)
+            }
+        };
+        // A batch-1 embedding broadcasts over the batch: the samplers pass one timestep.
+        let temb = emb.silu().apply(&self.time_emb_proj).unsqueeze(-1).unsqueeze(-1);
+        let h = h.apply(&self.conv1) + temb;
+        let h = h.apply(&self.norm2).silu().apply(&self.conv2);
+        match &self.skip_connection {
+            Some(s) => x.apply(s) + h,
+            None => x + h,
+        }
+    }
+}
+
+fn upsample_nearest(x: &Tensor) -> Tensor {
+    let (h, w) = (x.size()[2], x.size()[3]);
+    x.upsample_nearest2d([2 * h, 2 * w], 2.0, 2.0)
+}
+
+fn avg_pool(x: &Tensor) -> Tensor {
+    x.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None::<i64>)
+}
+
+/// GEGLU feed-forward (`MLPBlock(act="GEGLU")`): the first half of `linear1` is the value,
+/// the second the gate, through the exact (erf) GELU.
+#[derive(Debug)]
+struct FeedForward {
+    linear1: nn::Linear,
+    linear2: nn::Linear,
+    dropout: f64,
+}
+
+impl FeedForward {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let h = x.apply(&self.linear1);
+        let parts = h.chunk(2, -1);
+        let h = (&parts[0] * parts[1].gelu("none")).dropout(self.dropout, train);
+        h.apply(&self.linear2).dropout(self.dropout, train)
+    }
+}
+
+/// `DiffusionUNetTransformerBlock` (old: `BasicTransformerBlock`): pre-norm self-attention,
+/// cross-attention and feed-forward, each with a residual.
+#[derive(Debug)]
+struct TransformerBlock {
+    attn1: SABlock,
+    ff: FeedForward,
+    attn2: CrossAttentionBlock,
+    norm1: nn::LayerNorm,
+    norm2: nn::LayerNorm,
+    norm3: nn::LayerNorm,
+}
+
+impl TransformerBlock {
+    fn forward_t(&self, x: &Tensor, context: Option<&Tensor>, train: bool) -> Tensor {
+        let x = self.attn1.forward_t(&x.apply(&self.norm1), train) + x;
+        let x = self.attn2.forward_t(&x.apply(&self.norm2), context, train) + x;
+        self.ff.forward_t(&x.apply(&self.norm3), train) + x
+    }
+}
+
+/// `SpatialTransformer`: GroupNorm, 1x1 conv in, transformer blocks over the row-major
+/// positions, 1x1 conv out, residual.
+#[derive(Debug)]
+struct SpatialTransformer {
+    norm: nn::GroupNorm,
+    proj_in: Convolution,
+    transformer_blocks: Vec<TransformerBlock>,
+    proj_out: Convolution,
+}
+
+impl SpatialTransformer {
+    fn new(p: &nn::Path, c: i64, num_head_channels: i64, spec: &EncoderSpec, generation: Generation) -> Self {
+        let heads = c / num_head_channels;
+        let inner = heads * num_head_channels;
+        let ctx = spec.cross_attention_dim.unwrap_or(inner);
+        let opts = AttentionOptions {
+            math: AttentionMath::for_library(generation, spec.use_flash_attention),
+            upcast: spec.upcast_attention,
+            dropout: spec.dropout_cattn,
+        };
+        // monai-generative's self-attention always has its output layer (`to_out.0`).
+        let include_fc = spec.include_fc || generation == Generation::Generative;
+        let blocks = (0..spec.transformer_num_layers)
+            .map(|i| {
+                let b = p / "transformer_blocks" / i;
+                let ln = |n: &str| nn::layer_norm(&b / n, vec![inner], Default::default());
+                let sa = SABlockConfig {
+                    hidden_input_size: inner,
+                    num_heads: heads,
+                    dim_head: num_head_channels,
+                    qkv_bias: false,
+                    include_fc,
+                    use_combined_linear: spec.use_combined_linear,
+                };
+                let lin = |n: &str, i, o| nn::linear(&b / "ff" / n, i, o, Default::default());
+                TransformerBlock {
+                    attn1: SABlock::new(&(&b / "attn1"), sa, opts),
+                    ff: FeedForward {
+                        linear1: lin("linear1", inner, 8 * inner),
+                        linear2: lin("linear2", 4 * inner, inner),
+                        dropout: spec.dropout_cattn,
+                    },
+                    attn2: CrossAttentionBlock::new(&(&b / "attn2"), inner, ctx, heads, num_head_channels, opts),
+                    norm1: ln("norm1"),
+                    norm2: ln("norm2"),
+                    norm3: ln("norm3"),
+                }
+            })
+            .collect();
+        Self {
+            norm: group_norm(&(p / "norm"), spec.norm_num_groups, c, spec.norm_eps),
+            proj_in: Convolution::new(&(p / "proj_in"), c, inner, 1, 1, 0),
+            transformer_blocks: blocks,
+            proj_out: Convolution::zeroed(&(p / "proj_out"), inner, c, 1, 1, 0),
+        }
+    }
+
+    fn forward_t(&self, x: &Tensor, context: Option<&Tensor>, train: bool) -> Tensor {
+        let (b, _, h, w) = x.size4().expect("SpatialTransformer input is (batch, channels, height, width)");
+        let t = x.apply(&self.norm).apply(&self.proj_in);
+        let inner = t.size()[1];
+        let mut t = t.permute([0, 2, 3, 1]).reshape([b, h * w, inner]);
+        for block in &self.transformer_blocks {
+            t = block.forward_t(&t, context, train);
+        }
+        let t = t.reshape([b, h, w, inner]).permute([0, 3, 1, 2]).contiguous();
+        t.apply(&self.proj_out) + x
+    }
+}
+
+/// The attention after each ResnetBlock of a level: none, spatial self-attention
+/// (unconditioned models) or a SpatialTransformer (`with_conditioning`).
+// One per block, held once per model: variant size does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+enum Attention {
+    Spatial(SpatialAttentionBlock),
+    Transformer(SpatialTransformer),
+}
+
+impl Attention {
+    fn new(p: &nn::Path, c: i64, num_head_channels: i64, spec: &EncoderSpec, generation: Generation) -> Self {
+        if spec.with_conditioning {
+            Attention::Transformer(SpatialTransformer::new(p, c, num_head_channels, spec, generation))
+        } else {
+            let opts = AttentionOptions {
+                math: AttentionMath::for_library(generation, spec.use_flash_attention),
+                upcast: false,
+                dropout: 0.0,
+            };
+            Attention::Spatial(SpatialAttentionBlock::new(
+                p,
+                c,
+                c / num_head_channels,
+                spec.norm_num_groups,
+                spec.norm_eps,
+                spec.include_fc,
+                spec.use_combined_linear,
+                opts,
+            ))
+        }
+    }
+
+    fn forward_t(&self, x: &Tensor, context: Option<&Tensor>, train: bool) -> Tensor {
+        match self {
+            Attention::Spatial(a) => a.forward_t(x, train),
+            Attention::Transformer(t) => t.forward_t(x, context, train),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Downsampler {
+    /// `DiffusionUnetDownsample(use_conv=True)`: 3x3 stride-2 conv, symmetric padding 1 (the
+    /// autoencoder pads asymmetrically instead), key `op.conv.*`.
+    Conv(Convolution),
+    Res(ResnetBlock),
+}
+
+/// `DownBlock` / `AttnDownBlock` / `CrossAttnDownBlock`.
+#[derive(Debug)]
+pub(crate) struct DownBlock {
+    resnets: Vec<ResnetBlock>,
+    attentions: Vec<Attention>,
+    downsampler: Option<Downsampler>,
+}
+
+impl DownBlock {
+    /// Returns the block output and the tensors it adds to the skip list.
+    pub fn forward_t(&self, x: &Tensor, emb: &Tensor, context: Option<&Tensor>, train: bool) -> (Tensor, Vec<Tensor>) {
+        let mut h = x.shallow_clone();
+        let mut out = Vec::new();
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            h = resnet.forward(&h, emb);
+            if let Some(a) = self.attentions.get(i) {
+                h = a.forward_t(&h, context, train);
+            }
+            out.push(h.shallow_clone());
+        }
+        match &self.downsampler {
+            Some(Downsampler::Conv(c)) => h = h.apply(c),
+            Some(Downsampler::Res(r)) => h = r.forward(&h, emb),
+            None => return (h, out),
+        }
+        out.push(h.shallow_clone());
+        (h, out)
+    }
+}
+
+/// `AttnMidBlock` / `CrossAttnMidBlock`: the middle block always has attention.
+#[derive(Debug)]
+pub(crate) struct MidBlock {
+    resnet_1: ResnetBlock,
+    attention: Attention,
+    resnet_2: ResnetBlock,
+}
+
+impl MidBlock {
+    pub fn forward_t(&self, x: &Tensor, emb: &Tensor, context: Option<&Tensor>, train: bool) -> Tensor {
+        let h = self.resnet_1.forward(x, emb);
+        let h = self.attention.forward_t(&h, context, train);
+        self.resnet_2.forward(&h, emb)
+    }
+}
+
+/// What the UNet and the ControlNet share, under the same names: `conv_in`, `time_embed`,
+/// `class_embedding`, `down_blocks`, `middle_block`.
+#[derive(Debug)]
+pub(crate) struct Encoder {
+    pub spec: EncoderSpec,
+    conv_in: Convolution,
+    time_embed_0: nn::Linear,
+    time_embed_2: nn::Linear,
+    class_embedding: Option<nn::Embedding>,
+    pub down_blocks: Vec<DownBlock>,
+    pub middle_block: MidBlock,
+}
+
+impl Encoder {
+    pub fn new(p: &nn::Path, spec: &EncoderSpec, generation: Generation) -> Self {
+        let ch = &spec.channels;
+        let levels = spec.levels();
+        let nrb = spec.num_res_blocks.expand(levels);
+        let nhc = spec.num_head_channels.expand(levels);
+        let temb = spec.time_embed_dim();
+        let mut down_blocks = Vec::new();
+        let mut out_c = ch[0];
+        for i in 0..levels {
+            let bp = p / "down_blocks" / i;
+            let in_c = out_c;
+            out_c = ch[i];
+            let resnets = (0..nrb[i])
+                .map(|r| {
+                    let cin = if r == 0 { in_c } else { out_c };
+                    ResnetBlock::new(&(&bp / "resnets" / r), cin, out_c, temb, spec, Resample::None)
+                })
+                .collect();
+            let attentions = if spec.attention_levels[i] {
+                (0..nrb[i])
+                    .map(|r| Attention::new(&(&bp / "attentions" / r), out_c, nhc[i], spec, generation))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let downsampler = (i + 1 < levels).then(|| {
+                let dp = &bp / "downsampler";
+                if spec.resblock_updown {
+                    Downsampler::Res(ResnetBlock::new(&dp, out_c, out_c, temb, spec, Resample::Down))
+                } else {
+                    Downsampler::Conv(Convolution::new(&(&dp / "op"), out_c, out_c, 3, 2, 1))
+                }
+            });
+            down_blocks.push(DownBlock { resnets, attentions, downsampler });
+        }
+        let last = ch[levels - 1];
+        let mp = p / "middle_block";
+        let middle_block = MidBlock {
+            resnet_1: ResnetBlock::new(&(&mp / "resnet_1"), last, last, temb, spec, Resample::None),
+            attention: Attention::new(&(&mp / "attention"), last, nhc[levels - 1], spec, generation),
+            resnet_2: ResnetBlock::new(&(&mp / "resnet_2"), last, last, temb, spec, Resample::None),
+        };
+        let lin = |n: &str, i, o| nn::linear(p / "time_embed" / n, i, o, Default::default());
+        Self {
+            spec: spec.clone(),
+            conv_in: Convolution::new(&(p / "conv_in"), spec.in_channels, ch[0], 3, 1, 1),
+            time_embed_0: lin("0", ch[0], temb),
+            time_embed_2: lin("2", temb, temb),
+            class_embedding: spec
+                .num_class_embeds
+                .map(|k| nn::embedding(p / "class_embedding", k, temb, Default::default())),
+            down_blocks,
+            middle_block,
+        }
+    }
+
+    /// Channels of each tensor of the skip list, in order.
+    pub fn skip_channels(&self) -> Vec<i64> {
+        let spec = &self.spec;
+        let nrb = spec.num_res_blocks.expand(spec.levels());
+        let mut out = vec![spec.channels[0]];
+        for (i, &c) in spec.channels.iter().enumerate() {
+            out.extend(std::iter::repeat_n(c, nrb[i] as usize));
+            if i + 1 < spec.levels() {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    /// Checks what MONAI would only find out deep inside the network, with a clear message.
+    pub fn check_inputs(&self, model: &str, x: &Tensor, timesteps: &Tensor, cond: &Conditioning) -> Result<()> {
+        let spec = &self.spec;
+        let s = x.size();
+        ensure!(s.len() == 4, "{model}: x must be (batch, channels, height, width), got shape {s:?}");
+        ensure!(s[1] == spec.in_channels, "{model}: x must have {} channels, got shape {s:?}", spec.in_channels);
+        let factor = 1i64 << (spec.levels() - 1);
+        ensure!(
+            s[2] > 0 && s[3] > 0 && s[2] % factor == 0 && s[3] % factor == 0,
+            "{model}: the spatial size of x {:?} must be divisible by {factor} (2^(levels-1))",
+            &s[2..]
+        );
+        let t = timesteps.size();
+        ensure!(
+            t.len() == 1 && (t[0] == 1 || t[0] == s[0]),
+            "{model}: timesteps must be 1-D with one entry per batch element or a single one (batch {}), got shape {t:?}",
+            s[0]
+        );
+        match (cond.context, spec.cross_attention_dim) {
+            (Some(_), None) => bail!("{model}: a context was given but the model has with_conditioning = false"),
+            (Some(c), Some(d)) => {
+                let cs = c.size();
+                ensure!(
+                    cs.len() == 3 && cs[2] == d && (cs[0] == s[0] || cs[0] == 1),
+                    "{model}: context must be (batch {}, tokens, cross_attention_dim {d}), got shape {cs:?}",
+                    s[0]
+                );
+            }
+            _ => {}
+        }
+        match (cond.class_labels, spec.num_class_embeds) {
+            (None, Some(_)) => bail!("{model}: class_labels should be provided when num_class_embeds is set"),
+            (Some(l), Some(k)) => {
+                ensure!(l.dim() == 1, "{model}: class_labels must be 1-D, got shape {:?}", l.size());
+                ensure!(
+                    l.kind() == Kind::Int64 || l.kind() == Kind::Int,
+                    "{model}: class_labels must be integers, got {:?}",
+                    l.kind()
+                );
+                if l.numel() > 0 {
+                    let (lo, hi) = (i64::try_from(l.min())?, i64::try_from(l.max())?);
+                    ensure!(lo >= 0 && hi < k, "{model}: class_labels must be in [0, {k}), got values in [{lo}, {hi}]");
+                }
+            }
+            (Some(_), None) => bail!("{model}: class_labels were given but the model has no num_class_embeds"),
+            (None, None) => {}
+        }
+        Ok(())
+    }
+
+    /// `time_embed(get_timestep_embedding(t))`, plus the class embedding.
+    pub fn embedding(&self, x: &Tensor, timesteps: &Tensor, class_labels: Option<&Tensor>) -> Result<Tensor> {
+        let t_emb = get_timestep_embedding(timesteps, self.spec.channels[0], 10000.0)?.to_kind(x.kind());
+        let emb = t_emb.apply(&self.time_embed_0).silu().apply(&self.time_embed_2);
+        Ok(match (&self.class_embedding, class_labels) {
+            (Some(e), Some(l)) => emb + l.apply(e).to_kind(x.kind()),
+            _ => emb,
+        })
+    }
+
+    pub fn conv_in(&self, x: &Tensor) -> Tensor {
+        x.apply(&self.conv_in)
+    }
+
+    /// Runs the down blocks from `h` (the output of `conv_in`), returning the last hidden
+    /// state and the skip list.
+    pub fn down(&self, h: Tensor, emb: &Tensor, context: Option<&Tensor>, train: bool) -> (Tensor, Vec<Tensor>) {
+        let mut skips = vec![h.shallow_clone()];
+        let mut h = h;
+        for block in &self.down_blocks {
+            let (next, res) = block.forward_t(&h, emb, context, train);
+            h = next;
+            skips.extend(res);
+        }
+        (h, skips)
+    }
+}
+
+#[derive(Debug)]
+enum Upsampler {
+    /// Nearest x2, then a 3x3 conv: key `postconv.conv.*` (monai-generative: `conv.conv.*`).
+    Nearest(Convolution),
+    Res(ResnetBlock),
+}
+
+/// `UpBlock` / `AttnUpBlock` / `CrossAttnUpBlock`: `num_res_blocks + 1` ResnetBlocks, each
+/// fed `cat([h, skip])` (current features first).
+#[derive(Debug)]
+struct UpBlock {
+    resnets: Vec<ResnetBlock>,
+    attentions: Vec<Attention>,
+    upsampler: Option<Upsampler>,
+}
+
+impl UpBlock {
+    fn forward_t(
+        &self,
+        x: &Tensor,
+        skips: &mut Vec<Tensor>,
+        emb: &Tensor,
+        context: Option<&Tensor>,
+        train: bool,
+    ) -> Tensor {
+        let mut h = x.shallow_clone();
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            let skip = skips.pop().expect("the skip list has one tensor per up-path ResnetBlock");
+            h = resnet.forward(&Tensor::cat(&[&h, &skip], 1), emb);
+            if let Some(a) = self.attentions.get(i) {
+                h = a.forward_t(&h, context, train);
+            }
+        }
+        match &self.upsampler {
+            Some(Upsampler::Nearest(c)) => upsample_nearest(&h).apply(c),
+            Some(Upsampler::Res(r)) => r.forward(&h, emb),
+            None => h,
+        }
+    }
+}
+
+/// Optional inputs of [`DiffusionModelUNet::forward_t`], named as MONAI's arguments.
+#[derive(Default, Clone, Copy)]
+pub struct Conditioning<'a> {
+    /// `(batch, tokens, cross_attention_dim)`.
+    pub context: Option<&'a Tensor>,
+    /// `(batch,)` int64, when the model has `num_class_embeds`.
+    pub class_labels: Option<&'a Tensor>,
+    /// The ControlNet outputs: one tensor per entry of the skip list, added to it.
+    pub down_block_additional_residuals: Option<&'a [Tensor]>,
+    /// Added to the middle block's output.
+    pub mid_block_additional_residual: Option<&'a Tensor>,
+}
+
+#[derive(Debug)]
+pub struct DiffusionModelUNet {
+    pub(crate) encoder: Encoder,
+    up_blocks: Vec<UpBlock>,
+    out_0: nn::GroupNorm,
+    out_2: Convolution,
+    config: DiffusionModelUNetConfig,
+}
+
+impl DiffusionModelUNet {
+    /// Builds the network under `p` (usually `vs.root()`). `generation` selects each
+    /// library's attention formula (equal up to float rounding) and, for monai-generative,
+    /// the self-attention output layer of the transformer blocks it always has.
+    pub fn new(p: &nn::Path, config: &DiffusionModelUNetConfig, generation: Generation) -> Result<Self> {
+        config.validate()?;
+        let spec = config.encoder();
+        let encoder = Encoder::new(p, &spec, generation);
+        let levels = spec.levels();
+        let rev: Vec<i64> = spec.channels.iter().rev().copied().collect();
+        let rev_nrb: Vec<i64> = spec.num_res_blocks.expand(levels).into_iter().rev().collect();
+        let rev_attn: Vec<bool> = spec.attention_levels.iter().rev().copied().collect();
+        let rev_nhc: Vec<i64> = spec.num_head_channels.expand(levels).into_iter().rev().collect();
+        let temb = spec.time_embed_dim();
+        let mut up_blocks = Vec::new();
+        let mut out_c = rev[0];
+        for i in 0..levels {
+            let bp = p / "up_blocks" / i;
+            let prev_c = out_c;
+            out_c = rev[i];
+            let in_c = rev[(i + 1).min(levels - 1)];
+            let n = rev_nrb[i] + 1;
+            let resnets = (0..n)
+                .map(|r| {
+                    let skip_c = if r == n - 1 { in_c } else { out_c };
+                    let res_in = if r == 0 { prev_c } else { out_c };
+                    ResnetBlock::new(&(&bp / "resnets" / r), res_in + skip_c, out_c, temb, &spec, Resample::None)
+                })
+                .collect();
+            let attentions = if rev_attn[i] {
+                (0..n)
+                    .map(|r| Attention::new(&(&bp / "attentions" / r), out_c, rev_nhc[i], &spec, generation))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let upsampler = (i + 1 < levels).then(|| {
+                let up = &bp / "upsampler";
+                if spec.resblock_updown {
+                    Upsampler::Res(ResnetBlock::new(&up, out_c, out_c, temb, &spec, Resample::Up))
+                } else {
+                    Upsampler::Nearest(Convolution::new(&(&up / "postconv"), out_c, out_c, 3, 1, 1))
+                }
+            });
+            up_blocks.push(UpBlock { resnets, attentions, upsampler });
+        }
+        let ch0 = spec.channels[0];
+        Ok(Self {
+            encoder,
+            up_blocks,
+            out_0: group_norm(&(p / "out" / "0"), spec.norm_num_groups, ch0, spec.norm_eps),
+            out_2: Convolution::zeroed(&(p / "out" / "2"), ch0, config.out_channels, 3, 1, 1),
+            config: config.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &DiffusionModelUNetConfig {
+        &self.config
+    }
+
+    /// Channels of each tensor of the skip list: what a ControlNet must return.
+    pub fn skip_channels(&self) -> Vec<i64> {
+        self.encoder.skip_channels()
+    }
+
+    /// The prediction for `x` at `timesteps` (shape `(batch,)`, or `(1,)` for all).
+    pub fn forward(&self, x: &Tensor, timesteps: &Tensor, cond: &Conditioning) -> Result<Tensor> {
+        self.forward_t(x, timesteps, cond, false)
+    }
+
+    /// `forward` with dropout (`dropout_cattn`) active when `train`.
+    pub fn forward_t(&self, x: &Tensor, timesteps: &Tensor, cond: &Conditioning, train: bool) -> Result<Tensor> {
+        let enc = &self.encoder;
+        enc.check_inputs("DiffusionModelUNet", x, timesteps, cond)?;
+        let emb = enc.embedding(x, timesteps, cond.class_labels)?;
+        let (h, mut skips) = enc.down(enc.conv_in(x), &emb, cond.context, train);
+        if let Some(res) = cond.down_block_additional_residuals {
+            // MONAI zips the two lists and silently drops the surplus of the longer one;
+            // a count or shape mismatch is a wiring error, so medgen refuses it.
+            ensure!(
+                res.len() == skips.len(),
+                "DiffusionModelUNet: {} down-block residuals given, the model has {} skip tensors",
+                res.len(),
+                skips.len()
+            );
+            for (i, (s, r)) in skips.iter_mut().zip(res).enumerate() {
+                ensure!(
+                    s.size() == r.size(),
+                    "DiffusionModelUNet: down-block residual {i} has shape {:?}, the skip tensor has {:?}",
+                    r.size(),
+                    s.size()
+                );
+                *s = &*s + r;
+            }
+        }
+        let mut h = enc.middle_block.forward_t(&h, &emb, cond.context, train);
+        if let Some(r) = cond.mid_block_additional_residual {
+            ensure!(
+                r.size() == h.size(),
+                "DiffusionModelUNet: mid-block residual has shape {:?}, the middle block output has {:?}",
+                r.size(),
+                h.size()
+            );
+            h = h + r;
+        }
+        for block in &self.up_blocks {
+            h = block.forward_t(&h, &mut skips, &emb, cond.context, train);
+        }
+        Ok(h.apply(&self.out_0).silu().apply(&self.out_2))
+    }
+}
