@@ -23,6 +23,14 @@ pub fn run(a: Args) -> Result<()> {
             let l = a.m.load_aekl(&a.input, Device::Cpu)?;
             (l.state_dict, l.generation, serde_json::to_string(l.model.config())?)
         }
+        ModelKind::Unet => {
+            let l = a.m.load_unet(&a.input, Device::Cpu)?;
+            (l.state_dict, l.generation, serde_json::to_string(l.model.config())?)
+        }
+        ModelKind::Controlnet => {
+            let l = a.m.load_controlnet(&a.input, Device::Cpu)?;
+            (l.state_dict, l.generation, serde_json::to_string(l.model.config())?)
+        }
     };
     for note in &loaded_sd.notes {
         eprintln!("note: {note}");

@@ -1,13 +1,15 @@
 use super::{ModelArgs, ModelKind};
 use crate::checkpoint::StateDict;
 use crate::device;
+use crate::nets::Conditioning;
 use anyhow::{anyhow, bail, Result};
 use clap::ValueEnum;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use tch::{Kind, Tensor};
 
-/// AutoencoderKL operations, as MONAI names them. Inputs and outputs are named tensors.
+/// AutoencoderKL operations, as MONAI names them. Inputs and outputs are named tensors. The UNet
+/// and the ControlNet have one operation, `forward`.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 #[value(rename_all = "snake_case")]
 pub enum Op {
@@ -36,15 +38,22 @@ pub struct Args {
     /// Weights: a medgen .safetensors, or a torch.save checkpoint (converted on the fly).
     #[arg(long)]
     weights: PathBuf,
-    /// Input tensors (.safetensors): `x` for image ops, `z` for decode, `z_mu`/`z_sigma` for
-    /// sampling. A file with a single tensor may use any name.
+    /// Input tensors (.safetensors). AutoencoderKL: `x` for image ops, `z` for decode,
+    /// `z_mu`/`z_sigma` for sampling (a file with a single tensor may use any name). UNet: `x`,
+    /// `timesteps`, optional `context`, `class_labels`, `down_block_additional_residuals.N` and
+    /// `mid_block_additional_residual` (a ControlNet's output names are accepted too). ControlNet:
+    /// `x`, `timesteps`, `controlnet_cond`, optional `context`, `class_labels`.
     #[arg(long)]
     inputs: PathBuf,
     /// Output .safetensors.
     #[arg(long)]
     output: PathBuf,
-    #[arg(long, value_enum, default_value = "reconstruct")]
-    op: Op,
+    /// AutoencoderKL operation (default `reconstruct`); the UNet and the ControlNet only have `forward`.
+    #[arg(long, value_enum)]
+    op: Option<Op>,
+    /// ControlNet `conditioning_scale`: the factor on every residual it returns.
+    #[arg(long, default_value_t = 1.0)]
+    conditioning_scale: f64,
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -62,49 +71,118 @@ fn input(inputs: &StateDict, name: &str, dev: tch::Device) -> Result<Tensor> {
     Ok(t.f_to_kind(Kind::Float)?.f_to_device(dev)?)
 }
 
+/// A named input that must be there, moved to the device, its dtype kept (timesteps and class
+/// labels may be integers).
+fn required(inputs: &StateDict, name: &str, dev: tch::Device) -> Result<Tensor> {
+    optional(inputs, name, dev)?
+        .ok_or_else(|| anyhow!("input tensor {name:?} not found; the file holds {:?}", inputs.names()))
+}
+
+fn optional(inputs: &StateDict, name: &str, dev: tch::Device) -> Result<Option<Tensor>> {
+    let Some(t) = inputs.get(name) else { return Ok(None) };
+    let t = if t.is_floating_point() { t.f_to_kind(Kind::Float)? } else { t.shallow_clone() };
+    Ok(Some(t.f_to_device(dev)?))
+}
+
+/// `prefix.0`, `prefix.1`, ... in index order (none: an empty list).
+fn indexed(inputs: &StateDict, prefix: &str, dev: tch::Device) -> Result<Vec<Tensor>> {
+    let mut out = Vec::new();
+    while let Some(t) = optional(inputs, &format!("{prefix}.{}", out.len()), dev)? {
+        out.push(t);
+    }
+    Ok(out)
+}
+
+fn aekl(a: &Args, inputs: &StateDict, dev: tch::Device, out: &mut Vec<(String, Tensor)>) -> Result<()> {
+    let l = a.m.load_aekl(&a.weights, dev)?;
+    let m = &l.model;
+    let _guard = tch::no_grad_guard();
+    tch::manual_seed(a.seed);
+    match a.op.unwrap_or(Op::Reconstruct) {
+        Op::Encode => {
+            let (mu, sigma) = m.encode(&input(inputs, "x", dev)?)?;
+            out.push(("z_mu".into(), mu));
+            out.push(("z_sigma".into(), sigma));
+        }
+        Op::Decode | Op::DecodeStage2Outputs => {
+            out.push(("image".into(), m.decode(&input(inputs, "z", dev)?)?));
+        }
+        Op::Reconstruct => out.push(("reconstruction".into(), m.reconstruct(&input(inputs, "x", dev)?)?)),
+        Op::Forward => {
+            let (rec, mu, sigma) = m.forward(&input(inputs, "x", dev)?)?;
+            out.push(("reconstruction".into(), rec));
+            out.push(("z_mu".into(), mu));
+            out.push(("z_sigma".into(), sigma));
+        }
+        Op::Sampling => {
+            let (mu, sigma) = (input(inputs, "z_mu", dev)?, input(inputs, "z_sigma", dev)?);
+            if mu.size() != sigma.size() {
+                bail!("z_mu {:?} and z_sigma {:?} differ in shape", mu.size(), sigma.size());
+            }
+            out.push(("z".into(), m.sampling(&mu, &sigma)));
+        }
+        Op::EncodeStage2Inputs => out.push(("z".into(), m.encode_stage_2_inputs(&input(inputs, "x", dev)?)?)),
+    }
+    Ok(())
+}
+
+fn unet(a: &Args, inputs: &StateDict, dev: tch::Device, out: &mut Vec<(String, Tensor)>) -> Result<()> {
+    let l = a.m.load_unet(&a.weights, dev)?;
+    let _guard = tch::no_grad_guard();
+    let (x, t) = (required(inputs, "x", dev)?, required(inputs, "timesteps", dev)?);
+    let (context, class_labels) = (optional(inputs, "context", dev)?, optional(inputs, "class_labels", dev)?);
+    let mut down = indexed(inputs, "down_block_additional_residuals", dev)?;
+    if down.is_empty() {
+        down = indexed(inputs, "down_block_res_samples", dev)?;
+    }
+    let mid = match optional(inputs, "mid_block_additional_residual", dev)? {
+        Some(m) => Some(m),
+        None => optional(inputs, "mid_block_res_sample", dev)?,
+    };
+    let cond = Conditioning {
+        context: context.as_ref(),
+        class_labels: class_labels.as_ref(),
+        down_block_additional_residuals: (!down.is_empty()).then_some(down.as_slice()),
+        mid_block_additional_residual: mid.as_ref(),
+    };
+    out.push(("output".into(), l.model.forward(&x, &t, &cond)?));
+    Ok(())
+}
+
+fn controlnet(a: &Args, inputs: &StateDict, dev: tch::Device, out: &mut Vec<(String, Tensor)>) -> Result<()> {
+    let l = a.m.load_controlnet(&a.weights, dev)?;
+    let _guard = tch::no_grad_guard();
+    let (x, t) = (required(inputs, "x", dev)?, required(inputs, "timesteps", dev)?);
+    let cn_cond = required(inputs, "controlnet_cond", dev)?;
+    let (context, class_labels) = (optional(inputs, "context", dev)?, optional(inputs, "class_labels", dev)?);
+    let cond = Conditioning { context: context.as_ref(), class_labels: class_labels.as_ref(), ..Default::default() };
+    let res = l.model.forward(&x, &t, &cn_cond, a.conditioning_scale, &cond)?;
+    for (i, d) in res.down_block_res_samples.into_iter().enumerate() {
+        out.push((format!("down_block_res_samples.{i}"), d));
+    }
+    out.push(("mid_block_res_sample".into(), res.mid_block_res_sample));
+    Ok(())
+}
+
 pub fn run(a: Args) -> Result<()> {
     let dev = device::parse(&a.device)?;
     let inputs = StateDict::load(&a.inputs, None)?;
     let mut out: Vec<(String, Tensor)> = Vec::new();
+    if a.m.model != ModelKind::Aekl && a.op.is_some_and(|op| op != Op::Forward) {
+        bail!("--op {:?} is an AutoencoderKL operation; the {:?} only has `forward`", a.op.unwrap(), a.m.model);
+    }
     match a.m.model {
-        ModelKind::Aekl => {
-            let l = a.m.load_aekl(&a.weights, dev)?;
-            let m = &l.model;
-            let _guard = tch::no_grad_guard();
-            tch::manual_seed(a.seed);
-            match a.op {
-                Op::Encode => {
-                    let (mu, sigma) = m.encode(&input(&inputs, "x", dev)?)?;
-                    out.push(("z_mu".into(), mu));
-                    out.push(("z_sigma".into(), sigma));
-                }
-                Op::Decode | Op::DecodeStage2Outputs => {
-                    out.push(("image".into(), m.decode(&input(&inputs, "z", dev)?)?));
-                }
-                Op::Reconstruct => out.push(("reconstruction".into(), m.reconstruct(&input(&inputs, "x", dev)?)?)),
-                Op::Forward => {
-                    let (rec, mu, sigma) = m.forward(&input(&inputs, "x", dev)?)?;
-                    out.push(("reconstruction".into(), rec));
-                    out.push(("z_mu".into(), mu));
-                    out.push(("z_sigma".into(), sigma));
-                }
-                Op::Sampling => {
-                    let (mu, sigma) = (input(&inputs, "z_mu", dev)?, input(&inputs, "z_sigma", dev)?);
-                    if mu.size() != sigma.size() {
-                        bail!("z_mu {:?} and z_sigma {:?} differ in shape", mu.size(), sigma.size());
-                    }
-                    out.push(("z".into(), m.sampling(&mu, &sigma)));
-                }
-                Op::EncodeStage2Inputs => out.push(("z".into(), m.encode_stage_2_inputs(&input(&inputs, "x", dev)?)?)),
-            }
-        }
+        ModelKind::Aekl => aekl(&a, &inputs, dev, &mut out)?,
+        ModelKind::Unet => unet(&a, &inputs, dev, &mut out)?,
+        ModelKind::Controlnet => controlnet(&a, &inputs, dev, &mut out)?,
     }
     let mut sd_out = StateDict::new();
     for (k, v) in out {
         sd_out.insert(k, v);
     }
     let mut meta = BTreeMap::new();
-    let op = a.op.to_possible_value().ok_or_else(|| anyhow!("op"))?.get_name().to_string();
+    let op = a.op.unwrap_or(if a.m.model == ModelKind::Aekl { Op::Reconstruct } else { Op::Forward });
+    let op = op.to_possible_value().ok_or_else(|| anyhow!("op"))?.get_name().to_string();
     meta.insert("medgen.op".to_string(), op);
     meta.insert("medgen.seed".to_string(), a.seed.to_string());
     sd_out.save_safetensors(&a.output, &meta)?;

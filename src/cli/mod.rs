@@ -5,7 +5,7 @@ mod inspect;
 
 use crate::checkpoint::{load_model, Loaded, StateDict};
 use crate::config;
-use crate::nets::AutoencoderKL;
+use crate::nets::{AutoencoderKL, ControlNet, DiffusionModelUNet};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -31,6 +31,10 @@ pub enum Command {
 pub enum ModelKind {
     /// AutoencoderKL (config section `stage1`).
     Aekl,
+    /// DiffusionModelUNet (config section `ldm`).
+    Unet,
+    /// ControlNet (config section `controlnet`).
+    Controlnet,
 }
 
 /// Which network, its config, and where its weights sit inside a checkpoint.
@@ -47,12 +51,33 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// Reads the config, then the weights, and loads them strictly into an AutoencoderKL.
+    /// Reads the weights and loads them strictly into the model `build` makes; errors name
+    /// the weights file and the config.
+    fn load<M>(
+        &self,
+        weights: &std::path::Path,
+        device: tch::Device,
+        build: impl FnOnce(&tch::nn::Path, crate::checkpoint::Generation) -> Result<M>,
+    ) -> Result<Loaded<M>> {
+        let sd = StateDict::load(weights, self.key.as_deref())?;
+        load_model(sd, device, build)
+            .with_context(|| format!("{} does not fit the config {}", weights.display(), self.config.display()))
+    }
+
+    /// The config is read first, so a bad config is reported before a large checkpoint is read.
     fn load_aekl(&self, weights: &std::path::Path, device: tch::Device) -> Result<Loaded<AutoencoderKL>> {
         let cfg = config::aekl_config(&self.config)?;
-        let sd = StateDict::load(weights, self.key.as_deref())?;
-        load_model(sd, device, |p, g| AutoencoderKL::new(p, &cfg, g))
-            .with_context(|| format!("{} does not fit the config {}", weights.display(), self.config.display()))
+        self.load(weights, device, |p, g| AutoencoderKL::new(p, &cfg, g))
+    }
+
+    fn load_unet(&self, weights: &std::path::Path, device: tch::Device) -> Result<Loaded<DiffusionModelUNet>> {
+        let cfg = config::unet_config(&self.config)?;
+        self.load(weights, device, |p, g| DiffusionModelUNet::new(p, &cfg, g))
+    }
+
+    fn load_controlnet(&self, weights: &std::path::Path, device: tch::Device) -> Result<Loaded<ControlNet>> {
+        let cfg = config::controlnet_config(&self.config)?;
+        self.load(weights, device, |p, g| ControlNet::new(p, &cfg, g))
     }
 }
 
