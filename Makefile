@@ -23,6 +23,7 @@ build: setup
 fixtures: setup
 	$(VPY) tests/gen_checkpoint_fixtures.py --out $(FIXTURES)/checkpoint
 	$(VPY) tests/gen_aekl_fixtures.py --out $(FIXTURES)/aekl
+	$(VPY) tests/gen_scheduler_fixtures.py --out $(FIXTURES)/schedulers
 	$(VPY) tests/gen_unet_fixtures.py --out $(FIXTURES)/unet
 
 test: fixtures

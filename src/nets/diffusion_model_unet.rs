@@ -425,6 +425,8 @@ impl Attention {
     }
 }
 
+// One per level, held once per model: variant size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Downsampler {
     /// `DiffusionUnetDownsample(use_conv=True)`: 3x3 stride-2 conv, symmetric padding 1 (the
@@ -641,6 +643,8 @@ impl Encoder {
     }
 }
 
+// One per level, held once per model: variant size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Upsampler {
     /// Nearest x2, then a 3x3 conv: key `postconv.conv.*` (monai-generative: `conv.conv.*`).
@@ -807,7 +811,8 @@ impl DiffusionModelUNet {
                 r.size(),
                 h.size()
             );
-            h = h + r;
+            // Not `+=`: an in-place add would overwrite a tensor autograd may still need.
+            h = &h + r;
         }
         for block in &self.up_blocks {
             h = block.forward_t(&h, &mut skips, &emb, cond.context, train);
