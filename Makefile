@@ -25,6 +25,7 @@ fixtures: setup
 	$(VPY) tests/gen_aekl_fixtures.py --out $(FIXTURES)/aekl
 	$(VPY) tests/gen_scheduler_fixtures.py --out $(FIXTURES)/schedulers
 	$(VPY) tests/gen_unet_fixtures.py --out $(FIXTURES)/unet
+	$(VPY) tests/gen_sampling_fixtures.py --out $(FIXTURES)/sampling
 
 test: fixtures
 	MEDGEN_FIXTURES=$(CURDIR)/$(FIXTURES) MEDGEN_VENV_PYTHON=$(CURDIR)/$(VPY) cargo test -- --test-threads=1

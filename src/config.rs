@@ -1,6 +1,7 @@
 //! JSON configs. They mirror the reference YAML files key for key (`stage1.params`,
 //! `ldm.params`, ...); a bare parameter object is accepted too.
 use crate::nets::{AutoencoderKLConfig, ControlNetConfig, DiffusionModelUNetConfig};
+use crate::schedulers::{SchedulerConfig, SchedulerKind};
 use anyhow::{Context, Result};
 use serde_json::Value;
 use std::path::Path;
@@ -39,5 +40,20 @@ pub fn unet_config(path: &Path) -> Result<DiffusionModelUNetConfig> {
 pub fn controlnet_config(path: &Path) -> Result<ControlNetConfig> {
     let cfg: ControlNetConfig = parse_params(path, "controlnet", "ControlNet")?;
     cfg.validate().with_context(|| format!("{}: invalid ControlNet parameters", path.display()))?;
+    Ok(cfg)
+}
+
+/// The noise scheduler of a config file (`ldm.scheduler`; `controlnet_v0.json` carries it there
+/// too), checked against the scheduler kind that will use it.
+pub fn scheduler_config(path: &Path, kind: SchedulerKind) -> Result<SchedulerConfig> {
+    let root = read_json(path)?;
+    let sect = root
+        .get("ldm")
+        .and_then(|l| l.get("scheduler"))
+        .or_else(|| root.get("scheduler"))
+        .with_context(|| format!("{}: no `ldm.scheduler` section", path.display()))?;
+    let cfg: SchedulerConfig = serde_json::from_value(sect.clone())
+        .with_context(|| format!("{}: invalid scheduler parameters", path.display()))?;
+    cfg.check_applies_to(kind).with_context(|| format!("{}: invalid scheduler parameters", path.display()))?;
     Ok(cfg)
 }
