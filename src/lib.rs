@@ -6,3 +6,4 @@ pub mod config;
 pub mod device;
 pub mod nets;
 pub mod schedulers;
+pub mod sampling;

@@ -390,7 +390,13 @@ impl SpatialTransformer {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Attention {
-    Spatial(SpatialAttentionBlock),
+    /// `contiguous`: MONAI's blocks call `.contiguous()` on the attention output
+    /// (a strided view). Values are the same, but the next conv then takes the standard-layout
+    /// kernel; monai-generative keeps the view. Matching each keeps the sums bit-identical.
+    Spatial {
+        block: SpatialAttentionBlock,
+        contiguous: bool,
+    },
     Transformer(SpatialTransformer),
 }
 
@@ -404,7 +410,7 @@ impl Attention {
                 upcast: false,
                 dropout: 0.0,
             };
-            Attention::Spatial(SpatialAttentionBlock::new(
+            let block = SpatialAttentionBlock::new(
                 p,
                 c,
                 c / num_head_channels,
@@ -413,13 +419,15 @@ impl Attention {
                 spec.include_fc,
                 spec.use_combined_linear,
                 opts,
-            ))
+            );
+            Attention::Spatial { block, contiguous: generation == Generation::Monai }
         }
     }
 
     fn forward_t(&self, x: &Tensor, context: Option<&Tensor>, train: bool) -> Tensor {
         match self {
-            Attention::Spatial(a) => a.forward_t(x, train),
+            Attention::Spatial { block, contiguous: true } => block.forward_t(x, train).contiguous(),
+            Attention::Spatial { block, contiguous: false } => block.forward_t(x, train),
             Attention::Transformer(t) => t.forward_t(x, context, train),
         }
     }
