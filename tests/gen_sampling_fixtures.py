@@ -9,21 +9,16 @@ embeddings, control image, the initial noise, the final latent and the decoded i
 """
 import argparse
 import json
-import math
 import os
 import sys
 
 import torch
 from safetensors.torch import save_file
 
-import monai
-import monai.config
-from monai.utils.enums import IgniteInfo
+from fixtures_common import perturb
 
-# monai-generative 0.2.3's schedulers import `generative.utils`, which still takes IgniteInfo from
-# `monai.config`, where MONAI 1.6 no longer re-exports it.
-if not hasattr(monai.config, "IgniteInfo"):
-    monai.config.IgniteInfo = IgniteInfo
+import monai
+import monai_compat  # noqa: F401  (before any `generative` import)
 
 from generative.networks.nets import AutoencoderKL as OldAEKL
 from generative.networks.nets import ControlNet as OldControlNet
@@ -72,16 +67,6 @@ def ctor(lib, params):
     if lib == "generative":
         p["num_channels"] = p.pop("channels")
     return p
-
-
-def perturb(model, gen):
-    with torch.no_grad():
-        for t in model.state_dict().values():
-            if t.is_floating_point():
-                if t.dim() >= 2:
-                    t.add_(torch.randn(t.shape, generator=gen) * (0.6 / math.sqrt(t[0].numel())))
-                else:
-                    t.add_(torch.randn(t.shape, generator=gen) * 0.1)
 
 
 def main():

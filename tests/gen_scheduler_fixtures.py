@@ -24,14 +24,8 @@ import torch
 from safetensors.torch import save_file
 
 import monai
-import monai.config
+import monai_compat  # noqa: F401  (before any `generative` import)
 from monai.networks import schedulers as new_sched
-from monai.utils.enums import IgniteInfo
-
-# monai-generative 0.2.3's `generative.utils` (which its schedulers import) still takes IgniteInfo
-# from monai.config, where MONAI 1.6 no longer exports it; the class itself is unchanged.
-if not hasattr(monai.config, "IgniteInfo"):
-    monai.config.IgniteInfo = IgniteInfo
 from generative.networks import schedulers as old_sched  # noqa: E402
 
 SHAPE = (2, 3, 4, 5)

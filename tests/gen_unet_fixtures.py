@@ -12,12 +12,13 @@ key lists. <out>/manifest.json lists everything; the Rust tests `parity_unet` / 
 import argparse
 import copy
 import json
-import math
 import os
 import sys
 
 import torch
 from safetensors.torch import save_file
+
+from fixtures_common import perturb
 
 import monai
 from monai.networks.nets import ControlNet as NewControlNet
@@ -126,19 +127,6 @@ def build_unet(lib, params):
 def build_controlnet(lib, params):
     p = ctor_params(lib, params)
     return (OldControlNet if lib == "generative" else NewControlNet)(**p), p
-
-
-def perturb(model, gen):
-    """Every weight ~ default-init scale (zero-initialised ones included), so activations stay O(1)."""
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if not t.is_floating_point():
-                continue
-            if t.dim() >= 2:
-                fan_in = t[0].numel()
-                t.add_(torch.randn(t.shape, generator=gen) * (0.6 / math.sqrt(fan_in)))
-            else:
-                t.add_(torch.randn(t.shape, generator=gen) * 0.1)
 
 
 def timesteps_tensor(ts, gen):
