@@ -4,10 +4,8 @@
 //!
 //! The encoder half (time embedding, `conv_in`, down blocks, middle block) is public to the
 //! crate because the ControlNet is built from the very same modules.
-use super::blocks::{
-    group_norm, AttentionMath, AttentionOptions, Convolution, CrossAttentionBlock, PerLevel, SABlock, SABlockConfig,
-    SpatialAttentionBlock,
-};
+use super::blocks::{group_norm, Convolution, PerLevel};
+use super::unet_blocks::{DownBlock, Level, MidBlock, UpBlock};
 use crate::checkpoint::Generation;
 use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
@@ -208,287 +206,6 @@ pub fn get_timestep_embedding(timesteps: &Tensor, embedding_dim: i64, max_period
     Ok(if embedding_dim % 2 == 1 { embedding.constant_pad_nd([0, 1, 0, 0]) } else { embedding })
 }
 
-/// `DiffusionUNetResnetBlock` (old: `ResnetBlock`).
-#[derive(Debug)]
-pub(crate) struct ResnetBlock {
-    norm1: nn::GroupNorm,
-    conv1: Convolution,
-    time_emb_proj: nn::Linear,
-    norm2: nn::GroupNorm,
-    conv2: Convolution,
-    skip_connection: Option<Convolution>,
-    resample: Resample,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Resample {
-    None,
-    /// Nearest x2 of both branches (`resblock_updown` upsampler).
-    Up,
-    /// 2x2 average pooling of both branches (`resblock_updown` downsampler).
-    Down,
-}
-
-impl ResnetBlock {
-    fn new(p: &nn::Path, cin: i64, cout: i64, temb: i64, spec: &EncoderSpec, resample: Resample) -> Self {
-        let (g, eps) = (spec.norm_num_groups, spec.norm_eps);
-        Self {
-            norm1: group_norm(&(p / "norm1"), g, cin, eps),
-            conv1: Convolution::new(&(p / "conv1"), cin, cout, 3, 1, 1),
-            time_emb_proj: nn::linear(p / "time_emb_proj", temb, cout, Default::default()),
-            norm2: group_norm(&(p / "norm2"), g, cout, eps),
-            conv2: Convolution::zeroed(&(p / "conv2"), cout, cout, 3, 1, 1),
-            skip_connection: (cin != cout).then(|| Convolution::new(&(p / "skip_connection"), cin, cout, 1, 1, 0)),
-            resample,
-        }
-    }
-
-    fn forward(&self, x: &Tensor, emb: &Tensor) -> Tensor {
-        let mut h = x.apply(&self.norm1).silu();
-        let x = match self.resample {
-            Resample::None => x.shallow_clone(),
-            Resample::Up => {
-                h = upsample_nearest(&h);
-                upsample_nearest(x)
-            }
-            Resample::Down => {
-                h = avg_pool(&h);
-                avg_pool(x)
-            }
-        };
-        // A batch-1 embedding broadcasts over the batch: the samplers pass one timestep.
-        let temb = emb.silu().apply(&self.time_emb_proj).unsqueeze(-1).unsqueeze(-1);
-        let h = h.apply(&self.conv1) + temb;
-        let h = h.apply(&self.norm2).silu().apply(&self.conv2);
-        match &self.skip_connection {
-            Some(s) => x.apply(s) + h,
-            None => x + h,
-        }
-    }
-}
-
-fn upsample_nearest(x: &Tensor) -> Tensor {
-    let (h, w) = (x.size()[2], x.size()[3]);
-    x.upsample_nearest2d([2 * h, 2 * w], 2.0, 2.0)
-}
-
-fn avg_pool(x: &Tensor) -> Tensor {
-    x.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None::<i64>)
-}
-
-/// GEGLU feed-forward (`MLPBlock(act="GEGLU")`): the first half of `linear1` is the value,
-/// the second the gate, through the exact (erf) GELU.
-#[derive(Debug)]
-struct FeedForward {
-    linear1: nn::Linear,
-    linear2: nn::Linear,
-    dropout: f64,
-}
-
-impl FeedForward {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let h = x.apply(&self.linear1);
-        let parts = h.chunk(2, -1);
-        let h = (&parts[0] * parts[1].gelu("none")).dropout(self.dropout, train);
-        h.apply(&self.linear2).dropout(self.dropout, train)
-    }
-}
-
-/// `DiffusionUNetTransformerBlock` (old: `BasicTransformerBlock`): pre-norm self-attention,
-/// cross-attention and feed-forward, each with a residual.
-#[derive(Debug)]
-struct TransformerBlock {
-    attn1: SABlock,
-    ff: FeedForward,
-    attn2: CrossAttentionBlock,
-    norm1: nn::LayerNorm,
-    norm2: nn::LayerNorm,
-    norm3: nn::LayerNorm,
-}
-
-impl TransformerBlock {
-    fn forward_t(&self, x: &Tensor, context: Option<&Tensor>, train: bool) -> Tensor {
-        let x = self.attn1.forward_t(&x.apply(&self.norm1), train) + x;
-        let x = self.attn2.forward_t(&x.apply(&self.norm2), context, train) + x;
-        self.ff.forward_t(&x.apply(&self.norm3), train) + x
-    }
-}
-
-/// `SpatialTransformer`: GroupNorm, 1x1 conv in, transformer blocks over the row-major
-/// positions, 1x1 conv out, residual.
-#[derive(Debug)]
-struct SpatialTransformer {
-    norm: nn::GroupNorm,
-    proj_in: Convolution,
-    transformer_blocks: Vec<TransformerBlock>,
-    proj_out: Convolution,
-}
-
-impl SpatialTransformer {
-    fn new(p: &nn::Path, c: i64, num_head_channels: i64, spec: &EncoderSpec, generation: Generation) -> Self {
-        let heads = c / num_head_channels;
-        let inner = heads * num_head_channels;
-        let ctx = spec.cross_attention_dim.unwrap_or(inner);
-        let opts = AttentionOptions {
-            math: AttentionMath::for_library(generation, spec.use_flash_attention),
-            upcast: spec.upcast_attention,
-            dropout: spec.dropout_cattn,
-        };
-        // monai-generative's self-attention always has its output layer (`to_out.0`).
-        let include_fc = spec.include_fc || generation == Generation::Generative;
-        let blocks = (0..spec.transformer_num_layers)
-            .map(|i| {
-                let b = p / "transformer_blocks" / i;
-                let ln = |n: &str| nn::layer_norm(&b / n, vec![inner], Default::default());
-                let sa = SABlockConfig {
-                    hidden_input_size: inner,
-                    num_heads: heads,
-                    dim_head: num_head_channels,
-                    qkv_bias: false,
-                    include_fc,
-                    use_combined_linear: spec.use_combined_linear,
-                };
-                let lin = |n: &str, i, o| nn::linear(&b / "ff" / n, i, o, Default::default());
-                TransformerBlock {
-                    attn1: SABlock::new(&(&b / "attn1"), sa, opts),
-                    ff: FeedForward {
-                        linear1: lin("linear1", inner, 8 * inner),
-                        linear2: lin("linear2", 4 * inner, inner),
-                        dropout: spec.dropout_cattn,
-                    },
-                    attn2: CrossAttentionBlock::new(&(&b / "attn2"), inner, ctx, heads, num_head_channels, opts),
-                    norm1: ln("norm1"),
-                    norm2: ln("norm2"),
-                    norm3: ln("norm3"),
-                }
-            })
-            .collect();
-        Self {
-            norm: group_norm(&(p / "norm"), spec.norm_num_groups, c, spec.norm_eps),
-            proj_in: Convolution::new(&(p / "proj_in"), c, inner, 1, 1, 0),
-            transformer_blocks: blocks,
-            proj_out: Convolution::zeroed(&(p / "proj_out"), inner, c, 1, 1, 0),
-        }
-    }
-
-    fn forward_t(&self, x: &Tensor, context: Option<&Tensor>, train: bool) -> Tensor {
-        let (b, _, h, w) = x.size4().expect("SpatialTransformer input is (batch, channels, height, width)");
-        let t = x.apply(&self.norm).apply(&self.proj_in);
-        let inner = t.size()[1];
-        let mut t = t.permute([0, 2, 3, 1]).reshape([b, h * w, inner]);
-        for block in &self.transformer_blocks {
-            t = block.forward_t(&t, context, train);
-        }
-        let t = t.reshape([b, h, w, inner]).permute([0, 3, 1, 2]).contiguous();
-        t.apply(&self.proj_out) + x
-    }
-}
-
-/// The attention after each ResnetBlock of a level: none, spatial self-attention
-/// (unconditioned models) or a SpatialTransformer (`with_conditioning`).
-// One per block, held once per model: variant size does not matter.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
-enum Attention {
-    /// `contiguous`: MONAI's blocks call `.contiguous()` on the attention output
-    /// (a strided view). Values are the same, but the next conv then takes the standard-layout
-    /// kernel; monai-generative keeps the view. Matching each keeps the sums bit-identical.
-    Spatial {
-        block: SpatialAttentionBlock,
-        contiguous: bool,
-    },
-    Transformer(SpatialTransformer),
-}
-
-impl Attention {
-    fn new(p: &nn::Path, c: i64, num_head_channels: i64, spec: &EncoderSpec, generation: Generation) -> Self {
-        if spec.with_conditioning {
-            Attention::Transformer(SpatialTransformer::new(p, c, num_head_channels, spec, generation))
-        } else {
-            let opts = AttentionOptions {
-                math: AttentionMath::for_library(generation, spec.use_flash_attention),
-                upcast: false,
-                dropout: 0.0,
-            };
-            let block = SpatialAttentionBlock::new(
-                p,
-                c,
-                c / num_head_channels,
-                spec.norm_num_groups,
-                spec.norm_eps,
-                spec.include_fc,
-                spec.use_combined_linear,
-                opts,
-            );
-            Attention::Spatial { block, contiguous: generation == Generation::Monai }
-        }
-    }
-
-    fn forward_t(&self, x: &Tensor, context: Option<&Tensor>, train: bool) -> Tensor {
-        match self {
-            Attention::Spatial { block, contiguous: true } => block.forward_t(x, train).contiguous(),
-            Attention::Spatial { block, contiguous: false } => block.forward_t(x, train),
-            Attention::Transformer(t) => t.forward_t(x, context, train),
-        }
-    }
-}
-
-// One per level, held once per model: variant size does not matter.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
-enum Downsampler {
-    /// `DiffusionUnetDownsample(use_conv=True)`: 3x3 stride-2 conv, symmetric padding 1 (the
-    /// autoencoder pads asymmetrically instead), key `op.conv.*`.
-    Conv(Convolution),
-    Res(ResnetBlock),
-}
-
-/// `DownBlock` / `AttnDownBlock` / `CrossAttnDownBlock`.
-#[derive(Debug)]
-pub(crate) struct DownBlock {
-    resnets: Vec<ResnetBlock>,
-    attentions: Vec<Attention>,
-    downsampler: Option<Downsampler>,
-}
-
-impl DownBlock {
-    /// Returns the block output and the tensors it adds to the skip list.
-    pub fn forward_t(&self, x: &Tensor, emb: &Tensor, context: Option<&Tensor>, train: bool) -> (Tensor, Vec<Tensor>) {
-        let mut h = x.shallow_clone();
-        let mut out = Vec::new();
-        for (i, resnet) in self.resnets.iter().enumerate() {
-            h = resnet.forward(&h, emb);
-            if let Some(a) = self.attentions.get(i) {
-                h = a.forward_t(&h, context, train);
-            }
-            out.push(h.shallow_clone());
-        }
-        match &self.downsampler {
-            Some(Downsampler::Conv(c)) => h = h.apply(c),
-            Some(Downsampler::Res(r)) => h = r.forward(&h, emb),
-            None => return (h, out),
-        }
-        out.push(h.shallow_clone());
-        (h, out)
-    }
-}
-
-/// `AttnMidBlock` / `CrossAttnMidBlock`: the middle block always has attention.
-#[derive(Debug)]
-pub(crate) struct MidBlock {
-    resnet_1: ResnetBlock,
-    attention: Attention,
-    resnet_2: ResnetBlock,
-}
-
-impl MidBlock {
-    pub fn forward_t(&self, x: &Tensor, emb: &Tensor, context: Option<&Tensor>, train: bool) -> Tensor {
-        let h = self.resnet_1.forward(x, emb);
-        let h = self.attention.forward_t(&h, context, train);
-        self.resnet_2.forward(&h, emb)
-    }
-}
-
 /// What the UNet and the ControlNet share, under the same names: `conv_in`, `time_embed`,
 /// `class_embedding`, `down_blocks`, `middle_block`.
 #[derive(Debug)]
@@ -512,39 +229,19 @@ impl Encoder {
         let mut down_blocks = Vec::new();
         let mut out_c = ch[0];
         for i in 0..levels {
-            let bp = p / "down_blocks" / i;
             let in_c = out_c;
             out_c = ch[i];
-            let resnets = (0..nrb[i])
-                .map(|r| {
-                    let cin = if r == 0 { in_c } else { out_c };
-                    ResnetBlock::new(&(&bp / "resnets" / r), cin, out_c, temb, spec, Resample::None)
-                })
-                .collect();
-            let attentions = if spec.attention_levels[i] {
-                (0..nrb[i])
-                    .map(|r| Attention::new(&(&bp / "attentions" / r), out_c, nhc[i], spec, generation))
-                    .collect()
-            } else {
-                Vec::new()
+            let level = Level {
+                in_c,
+                out_c,
+                num_res_blocks: nrb[i],
+                attention: spec.attention_levels[i],
+                num_head_channels: nhc[i],
+                resample: i + 1 < levels,
             };
-            let downsampler = (i + 1 < levels).then(|| {
-                let dp = &bp / "downsampler";
-                if spec.resblock_updown {
-                    Downsampler::Res(ResnetBlock::new(&dp, out_c, out_c, temb, spec, Resample::Down))
-                } else {
-                    Downsampler::Conv(Convolution::new(&(&dp / "op"), out_c, out_c, 3, 2, 1))
-                }
-            });
-            down_blocks.push(DownBlock { resnets, attentions, downsampler });
+            down_blocks.push(DownBlock::new(&(p / "down_blocks" / i), &level, spec, generation));
         }
-        let last = ch[levels - 1];
-        let mp = p / "middle_block";
-        let middle_block = MidBlock {
-            resnet_1: ResnetBlock::new(&(&mp / "resnet_1"), last, last, temb, spec, Resample::None),
-            attention: Attention::new(&(&mp / "attention"), last, nhc[levels - 1], spec, generation),
-            resnet_2: ResnetBlock::new(&(&mp / "resnet_2"), last, last, temb, spec, Resample::None),
-        };
+        let middle_block = MidBlock::new(&(p / "middle_block"), ch[levels - 1], nhc[levels - 1], spec, generation);
         let lin = |n: &str, i, o| nn::linear(p / "time_embed" / n, i, o, Default::default());
         Self {
             spec: spec.clone(),
@@ -651,49 +348,6 @@ impl Encoder {
     }
 }
 
-// One per level, held once per model: variant size does not matter.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
-enum Upsampler {
-    /// Nearest x2, then a 3x3 conv: key `postconv.conv.*` (monai-generative: `conv.conv.*`).
-    Nearest(Convolution),
-    Res(ResnetBlock),
-}
-
-/// `UpBlock` / `AttnUpBlock` / `CrossAttnUpBlock`: `num_res_blocks + 1` ResnetBlocks, each
-/// fed `cat([h, skip])` (current features first).
-#[derive(Debug)]
-struct UpBlock {
-    resnets: Vec<ResnetBlock>,
-    attentions: Vec<Attention>,
-    upsampler: Option<Upsampler>,
-}
-
-impl UpBlock {
-    fn forward_t(
-        &self,
-        x: &Tensor,
-        skips: &mut Vec<Tensor>,
-        emb: &Tensor,
-        context: Option<&Tensor>,
-        train: bool,
-    ) -> Tensor {
-        let mut h = x.shallow_clone();
-        for (i, resnet) in self.resnets.iter().enumerate() {
-            let skip = skips.pop().expect("the skip list has one tensor per up-path ResnetBlock");
-            h = resnet.forward(&Tensor::cat(&[&h, &skip], 1), emb);
-            if let Some(a) = self.attentions.get(i) {
-                h = a.forward_t(&h, context, train);
-            }
-        }
-        match &self.upsampler {
-            Some(Upsampler::Nearest(c)) => upsample_nearest(&h).apply(c),
-            Some(Upsampler::Res(r)) => r.forward(&h, emb),
-            None => h,
-        }
-    }
-}
-
 /// Optional inputs of [`DiffusionModelUNet::forward_t`], named as MONAI's arguments.
 #[derive(Default, Clone, Copy)]
 pub struct Conditioning<'a> {
@@ -729,38 +383,21 @@ impl DiffusionModelUNet {
         let rev_nrb: Vec<i64> = spec.num_res_blocks.expand(levels).into_iter().rev().collect();
         let rev_attn: Vec<bool> = spec.attention_levels.iter().rev().copied().collect();
         let rev_nhc: Vec<i64> = spec.num_head_channels.expand(levels).into_iter().rev().collect();
-        let temb = spec.time_embed_dim();
         let mut up_blocks = Vec::new();
         let mut out_c = rev[0];
         for i in 0..levels {
-            let bp = p / "up_blocks" / i;
             let prev_c = out_c;
             out_c = rev[i];
-            let in_c = rev[(i + 1).min(levels - 1)];
-            let n = rev_nrb[i] + 1;
-            let resnets = (0..n)
-                .map(|r| {
-                    let skip_c = if r == n - 1 { in_c } else { out_c };
-                    let res_in = if r == 0 { prev_c } else { out_c };
-                    ResnetBlock::new(&(&bp / "resnets" / r), res_in + skip_c, out_c, temb, &spec, Resample::None)
-                })
-                .collect();
-            let attentions = if rev_attn[i] {
-                (0..n)
-                    .map(|r| Attention::new(&(&bp / "attentions" / r), out_c, rev_nhc[i], &spec, generation))
-                    .collect()
-            } else {
-                Vec::new()
+            // `in_c` is the width of the skip tensor the last ResnetBlock of the level takes.
+            let level = Level {
+                in_c: rev[(i + 1).min(levels - 1)],
+                out_c,
+                num_res_blocks: rev_nrb[i] + 1,
+                attention: rev_attn[i],
+                num_head_channels: rev_nhc[i],
+                resample: i + 1 < levels,
             };
-            let upsampler = (i + 1 < levels).then(|| {
-                let up = &bp / "upsampler";
-                if spec.resblock_updown {
-                    Upsampler::Res(ResnetBlock::new(&up, out_c, out_c, temb, &spec, Resample::Up))
-                } else {
-                    Upsampler::Nearest(Convolution::new(&(&up / "postconv"), out_c, out_c, 3, 1, 1))
-                }
-            });
-            up_blocks.push(UpBlock { resnets, attentions, upsampler });
+            up_blocks.push(UpBlock::new(&(p / "up_blocks" / i), prev_c, &level, &spec, generation));
         }
         let ch0 = spec.channels[0];
         Ok(Self {
@@ -774,11 +411,6 @@ impl DiffusionModelUNet {
 
     pub fn config(&self) -> &DiffusionModelUNetConfig {
         &self.config
-    }
-
-    /// Channels of each tensor of the skip list: what a ControlNet must return.
-    pub fn skip_channels(&self) -> Vec<i64> {
-        self.encoder.skip_channels()
     }
 
     /// The prediction for `x` at `timesteps` (shape `(batch,)`, or `(1,)` for all).

@@ -4,6 +4,7 @@ pub mod blocks;
 
 pub use autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 pub mod diffusion_model_unet;
+mod unet_blocks;
 
 pub use diffusion_model_unet::{Conditioning, DiffusionModelUNet, DiffusionModelUNetConfig};
 pub mod controlnet;
