@@ -51,9 +51,27 @@ pub fn scheduler_config(path: &Path, kind: SchedulerKind) -> Result<SchedulerCon
         .get("ldm")
         .and_then(|l| l.get("scheduler"))
         .or_else(|| root.get("scheduler"))
-        .with_context(|| format!("{}: no `ldm.scheduler` section", path.display()))?;
+        .with_context(|| format!("{}: no `ldm.scheduler` (or top-level `scheduler`) section", path.display()))?;
     let cfg: SchedulerConfig = serde_json::from_value(sect.clone())
         .with_context(|| format!("{}: invalid scheduler parameters", path.display()))?;
     cfg.check_applies_to(kind).with_context(|| format!("{}: invalid scheduler parameters", path.display()))?;
     Ok(cfg)
+}
+
+/// The scheduler the reference sampling scripts use (`sampling.scheduler_kind` and
+/// `sampling.scheduler`; not in the reference YAML, which holds the training scheduler only).
+pub fn sampling_scheduler(path: &Path) -> Result<(SchedulerKind, SchedulerConfig)> {
+    let root = read_json(path)?;
+    let s = root.get("sampling").with_context(|| format!("{}: no `sampling` section", path.display()))?;
+    let kind: SchedulerKind = s
+        .get("scheduler_kind")
+        .and_then(|k| k.as_str())
+        .with_context(|| format!("{}: `sampling.scheduler_kind` missing (ddpm, ddim or pndm)", path.display()))?
+        .parse()
+        .with_context(|| format!("{}: sampling.scheduler_kind", path.display()))?;
+    let params = s.get("scheduler").with_context(|| format!("{}: no `sampling.scheduler`", path.display()))?;
+    let cfg: SchedulerConfig = serde_json::from_value(params.clone())
+        .with_context(|| format!("{}: invalid sampling scheduler parameters", path.display()))?;
+    cfg.check_applies_to(kind).with_context(|| format!("{}: invalid sampling scheduler parameters", path.display()))?;
+    Ok((kind, cfg))
 }

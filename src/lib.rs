@@ -5,5 +5,5 @@ pub mod cli;
 pub mod config;
 pub mod device;
 pub mod nets;
-pub mod schedulers;
 pub mod sampling;
+pub mod schedulers;

@@ -264,8 +264,32 @@ fn convert_and_forward_unet_and_controlnet() {
         &unet_cfg,
         &["--weights", s(&unet_w), "--inputs", s(&chain_in), "--output", s(&unet_out)],
     ));
-    let o = StateDict::load(&unet_out, None).unwrap();
-    assert_eq!(o.get("output").unwrap().size(), get("x").size());
+    let with_residuals = StateDict::load(&unet_out, None).unwrap().get("output").unwrap().shallow_clone();
+    assert_eq!(with_residuals.size(), get("x").size());
+    // The residuals were used: without them the output differs.
+    let plain_in = tmp.path().join("plain-unet-in.safetensors");
+    save(&plain_in, vec![("x", get("x")), ("timesteps", get("timesteps")), ("context", get("context"))]);
+    let plain_out = tmp.path().join("plain-unet.safetensors");
+    ok(model_cmd(
+        "forward",
+        "unet",
+        &unet_cfg,
+        &["--weights", s(&unet_w), "--inputs", s(&plain_in), "--output", s(&plain_out)],
+    ));
+    let plain = StateDict::load(&plain_out, None).unwrap().get("output").unwrap().shallow_clone();
+    assert!(max_abs_diff(&plain, &with_residuals) > 1e-3, "the ControlNet residuals changed nothing");
+
+    // A stray or misspelt input tensor is an error naming it, not silently ignored.
+    let stray_in = tmp.path().join("stray-in.safetensors");
+    save(&stray_in, vec![("x", get("x")), ("timesteps", get("timesteps")), ("contxt", get("context"))]);
+    let o = model_cmd(
+        "forward",
+        "unet",
+        &unet_cfg,
+        &["--weights", s(&unet_w), "--inputs", s(&stray_in), "--output", s(&plain_out)],
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("\"contxt\""), "{}", String::from_utf8_lossy(&o.stderr));
 
     // An AutoencoderKL op on a UNet is refused by name.
     let o = model_cmd(

@@ -1,7 +1,7 @@
 //! The shipped configs parse into the models they describe, and bad model configs are refused
 //! with the reason (what MONAI raises, or would only hit deep inside a forward pass).
 use medgen::config;
-use medgen::nets::blocks::PerLevel;
+use medgen::nets::PerLevel;
 use medgen::nets::{ControlNetConfig, DiffusionModelUNetConfig};
 use medgen::schedulers::SchedulerKind;
 use std::path::PathBuf;
@@ -28,6 +28,21 @@ fn reference_configs_parse() {
         }
     }
     config::aekl_config(&cfg("aekl_v0.json")).unwrap();
+}
+
+/// reference-repo.md §4: the sampling scripts' DDIM (clip_sample=False, monai-generative's
+/// spacing) runs 200 steps as 995, 990, ..., 0 and never clips.
+#[test]
+fn reference_sampling_scheduler() {
+    for file in ["ldm_v0.json", "controlnet_v0.json"] {
+        let (kind, s) = config::sampling_scheduler(&cfg(file)).unwrap();
+        assert_eq!(kind, SchedulerKind::Ddim);
+        assert_eq!(s.clip_sample, Some(false));
+        let mut sched = medgen::schedulers::build(kind, &s).unwrap();
+        sched.set_timesteps(200).unwrap();
+        let want: Vec<i64> = (0..200).rev().map(|i| 5 * i).collect();
+        assert_eq!(sched.timesteps(), want.as_slice(), "{file}");
+    }
 }
 
 #[track_caller]

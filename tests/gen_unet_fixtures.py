@@ -7,7 +7,7 @@ zero-initialised convs, norms, biases and attention weights all matter), run it,
   <out>/<case>-<lib>/io.safetensors   inputs and outputs
 Init cases (ControlNet initialised from a trained UNet, `load_state_dict(strict=False)` as the reference
 training script does) write unet.pt, controlnet_before.pt, controlnet_after.pt and the missing/unexpected
-key lists. <out>/manifest.json lists everything; the Rust tests `parity_unet` / `parity_controlnet` read it.
+key lists. <out>/manifest.json lists everything; the Rust test `parity_unet` reads it.
 """
 import argparse
 import copy
@@ -73,6 +73,8 @@ UNET_CASES = {
     "combined_linear_uncond": (small(use_combined_linear=True), 2, (8, 8), [30, 1], 0, ("monai",), {}),
     "flash": (small(**COND, use_flash_attention=True), 2, (8, 8), [30], 4, ("monai",), {}),
     "dropout_cattn_eval": (small(**COND, dropout_cattn=0.3), 2, (8, 8), [30], 4, BOTH, {}),
+    # One context for the whole batch: MONAI's einsum attention broadcasts it (monai-generative's bmm cannot).
+    "context_batch1": (small(**COND), 3, (8, 8), [30], 4, ("monai",), {"context_batch": 1}),
 }
 
 # name -> (ControlNet params (MONAI names), batch, latent HxW, timesteps, context tokens, libs, conditioning_scale)
@@ -129,7 +131,7 @@ def build_controlnet(lib, params):
     return (OldControlNet if lib == "generative" else NewControlNet)(**p), p
 
 
-def timesteps_tensor(ts, gen):
+def timesteps_tensor(ts):
     # Half the cases pass float timesteps (MONAI's inferers: torch.Tensor((t,))), half int64 (the reference
     # scripts: .long()); both must give the same embedding.
     return torch.tensor(ts, dtype=torch.int64 if len(ts) % 2 == 0 else torch.float32)
@@ -164,10 +166,10 @@ def unet_cases(args, manifest):
             gen = torch.Generator().manual_seed(SEED + 1)
             perturb(model, gen)
             x = torch.randn((batch, ctor["in_channels"], *hw), generator=gen)
-            t = timesteps_tensor(ts, gen)
+            t = timesteps_tensor(ts)
             io = {"x": x, "timesteps": t}
             kw = {}
-            ctx = context_for(params, batch, tokens, gen)
+            ctx = context_for(params, extra.get("context_batch", batch), tokens, gen)
             if ctx is not None:
                 io["context"] = kw["context"] = ctx
             if "class_labels" in extra:
@@ -218,7 +220,7 @@ def controlnet_cases(args, manifest):
             x = torch.randn((batch, ctor["in_channels"], *hw), generator=gen)
             cond = torch.rand((batch, ctor.get("conditioning_embedding_in_channels", 1), hw[0] * f, hw[1] * f),
                               generator=gen)
-            t = timesteps_tensor(ts, gen)
+            t = timesteps_tensor(ts)
             io = {"x": x, "timesteps": t, "controlnet_cond": cond}
             kw = {}
             ctx = context_for(params, batch, tokens, gen)

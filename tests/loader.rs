@@ -1,6 +1,6 @@
 //! The strict and partial loaders, and the old-to-new renaming, on a small AutoencoderKL.
 use medgen::checkpoint::{load_model, load_partial, load_strict, Generation, StateDict};
-use medgen::nets::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig, PerLevel};
+use medgen::nets::{AutoencoderKL, AutoencoderKLConfig, PerLevel};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 

@@ -274,9 +274,9 @@ fn fresh_controlnet_is_a_no_op_and_bad_inputs_are_named() {
         in_channels: 3,
         channels: vec![16, 32],
         attention_levels: vec![false, true],
-        num_res_blocks: medgen::nets::blocks::PerLevel::Same(1),
+        num_res_blocks: medgen::nets::PerLevel::Same(1),
         norm_num_groups: 8,
-        num_head_channels: medgen::nets::blocks::PerLevel::Same(16),
+        num_head_channels: medgen::nets::PerLevel::Same(16),
         with_conditioning: true,
         cross_attention_dim: Some(8),
         conditioning_embedding_num_channels: vec![8, 8],
@@ -307,6 +307,9 @@ fn fresh_controlnet_is_a_no_op_and_bad_inputs_are_named() {
         .unwrap()
         .to_string();
     assert!(e.contains("context") && e.contains("[2, 4, 9]"), "{e}");
+    // A conditioned model without a context: its attention widths (16, 32) are not cross_attention_dim.
+    let e = cn.forward(&x, &t, &cond_img, 1.0, &Conditioning::default()).err().unwrap().to_string();
+    assert!(e.contains("needs a context"), "{e}");
     let odd = Tensor::randn([2, 3, 9, 8], (tch::Kind::Float, Device::Cpu));
     let e = cn.forward(&odd, &t, &cond_img, 1.0, &cond).err().unwrap().to_string();
     assert!(e.contains("divisible by 2"), "{e}");
@@ -317,9 +320,9 @@ fn fresh_controlnet_is_a_no_op_and_bad_inputs_are_named() {
         out_channels: 3,
         channels: vec![16, 48],
         attention_levels: vec![false, true],
-        num_res_blocks: medgen::nets::blocks::PerLevel::Same(1),
+        num_res_blocks: medgen::nets::PerLevel::Same(1),
         norm_num_groups: 8,
-        num_head_channels: medgen::nets::blocks::PerLevel::Same(16),
+        num_head_channels: medgen::nets::PerLevel::Same(16),
         with_conditioning: true,
         cross_attention_dim: Some(8),
         ..Default::default()

@@ -34,6 +34,17 @@ pub fn model_shapes(vs: &VarStore) -> HashMap<String, Vec<i64>> {
     vs.variables().into_iter().map(|(k, v)| (k, v.size())).collect()
 }
 
+impl Generation {
+    /// A checkpoint's generation: recorded in its metadata (converted files), else detected
+    /// from its key names.
+    pub fn of(sd: &StateDict) -> Self {
+        sd.metadata
+            .get(META_GENERATION)
+            .and_then(|g| Generation::parse(g))
+            .unwrap_or_else(|| Generation::detect(sd.names()))
+    }
+}
+
 /// Builds a model for the checkpoint's generation (recorded in the metadata, else detected
 /// from the key names), renames old keys and loads strictly.
 pub fn load_model<M>(
@@ -41,15 +52,11 @@ pub fn load_model<M>(
     device: Device,
     build: impl FnOnce(&nn::Path, Generation) -> Result<M>,
 ) -> Result<Loaded<M>> {
-    let generation = sd
-        .metadata
-        .get(META_GENERATION)
-        .and_then(|g| Generation::parse(g))
-        .unwrap_or_else(|| Generation::detect(sd.names()));
+    let generation = Generation::of(&sd);
     let vs = VarStore::new(device);
     let model = build(&vs.root(), generation)?;
     let sd = match generation {
-        Generation::Generative => naming::rename_generative(sd, &model_shapes(&vs))?,
+        Generation::Generative => naming::rename_generative(sd, &model_shapes(&vs)),
         Generation::Monai => sd,
     };
     let report = load_strict(&vs, &sd)?;

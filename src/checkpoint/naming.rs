@@ -13,7 +13,6 @@
 //!   changes the outputs; medgen instead sets `attn.out_proj` to the identity (weight `I`,
 //!   bias 0) when the model has one, which reproduces the old outputs exactly.
 use super::state_dict::StateDict;
-use anyhow::Result;
 use std::collections::HashMap;
 use tch::{Kind, Tensor};
 
@@ -73,7 +72,7 @@ impl Generation {
 /// Renames an old-generation state dict to the model's names. `model` maps every model
 /// variable name to its shape. Entries no rule applies to are left alone, for the strict
 /// loader to report.
-pub fn rename_generative(sd: StateDict, model: &HashMap<String, Vec<i64>>) -> Result<StateDict> {
+pub fn rename_generative(sd: StateDict, model: &HashMap<String, Vec<i64>>) -> StateDict {
     let mut out = StateDict::new();
     out.metadata = sd.metadata.clone();
     out.notes = sd.notes.clone();
@@ -143,5 +142,5 @@ pub fn rename_generative(sd: StateDict, model: &HashMap<String, Vec<i64>>) -> Re
             String::new()
         }
     ));
-    Ok(out)
+    out
 }

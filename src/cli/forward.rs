@@ -71,26 +71,49 @@ fn input(inputs: &StateDict, name: &str, dev: tch::Device) -> Result<Tensor> {
     Ok(t.f_to_kind(Kind::Float)?.f_to_device(dev)?)
 }
 
-/// A named input that must be there, moved to the device, its dtype kept (timesteps and class
-/// labels may be integers).
-fn required(inputs: &StateDict, name: &str, dev: tch::Device) -> Result<Tensor> {
-    optional(inputs, name, dev)?
-        .ok_or_else(|| anyhow!("input tensor {name:?} not found; the file holds {:?}", inputs.names()))
+/// The named inputs of the UNet and the ControlNet, remembering which were read so that a
+/// misspelt or stray tensor is an error instead of being ignored.
+struct NamedInputs<'a> {
+    sd: &'a StateDict,
+    dev: tch::Device,
+    used: std::cell::RefCell<std::collections::BTreeSet<String>>,
 }
 
-fn optional(inputs: &StateDict, name: &str, dev: tch::Device) -> Result<Option<Tensor>> {
-    let Some(t) = inputs.get(name) else { return Ok(None) };
-    let t = if t.is_floating_point() { t.f_to_kind(Kind::Float)? } else { t.shallow_clone() };
-    Ok(Some(t.f_to_device(dev)?))
-}
-
-/// `prefix.0`, `prefix.1`, ... in index order (none: an empty list).
-fn indexed(inputs: &StateDict, prefix: &str, dev: tch::Device) -> Result<Vec<Tensor>> {
-    let mut out = Vec::new();
-    while let Some(t) = optional(inputs, &format!("{prefix}.{}", out.len()), dev)? {
-        out.push(t);
+impl<'a> NamedInputs<'a> {
+    fn new(sd: &'a StateDict, dev: tch::Device) -> Self {
+        Self { sd, dev, used: Default::default() }
     }
-    Ok(out)
+
+    /// Moved to the device, its dtype kept (timesteps and class labels may be integers).
+    fn optional(&self, name: &str) -> Result<Option<Tensor>> {
+        let Some(t) = self.sd.get(name) else { return Ok(None) };
+        self.used.borrow_mut().insert(name.to_string());
+        let t = if t.is_floating_point() { t.f_to_kind(Kind::Float)? } else { t.shallow_clone() };
+        Ok(Some(t.f_to_device(self.dev)?))
+    }
+
+    fn required(&self, name: &str) -> Result<Tensor> {
+        self.optional(name)?
+            .ok_or_else(|| anyhow!("input tensor {name:?} not found; the file holds {:?}", self.sd.names()))
+    }
+
+    /// `prefix.0`, `prefix.1`, ... in index order (none: an empty list).
+    fn indexed(&self, prefix: &str) -> Result<Vec<Tensor>> {
+        let mut out = Vec::new();
+        while let Some(t) = self.optional(&format!("{prefix}.{}", out.len()))? {
+            out.push(t);
+        }
+        Ok(out)
+    }
+
+    fn check_all_used(&self) -> Result<()> {
+        let used = self.used.borrow();
+        let unused: Vec<&String> = self.sd.names().iter().filter(|n| !used.contains(*n)).collect();
+        if !unused.is_empty() {
+            bail!("input tensors {unused:?} are not inputs of this model (it read {:?})", *used);
+        }
+        Ok(())
+    }
 }
 
 fn aekl(a: &Args, inputs: &StateDict, dev: tch::Device, out: &mut Vec<(String, Tensor)>) -> Result<()> {
@@ -129,16 +152,18 @@ fn aekl(a: &Args, inputs: &StateDict, dev: tch::Device, out: &mut Vec<(String, T
 fn unet(a: &Args, inputs: &StateDict, dev: tch::Device, out: &mut Vec<(String, Tensor)>) -> Result<()> {
     let l = a.m.load_unet(&a.weights, dev)?;
     let _guard = tch::no_grad_guard();
-    let (x, t) = (required(inputs, "x", dev)?, required(inputs, "timesteps", dev)?);
-    let (context, class_labels) = (optional(inputs, "context", dev)?, optional(inputs, "class_labels", dev)?);
-    let mut down = indexed(inputs, "down_block_additional_residuals", dev)?;
+    let inp = NamedInputs::new(inputs, dev);
+    let (x, t) = (inp.required("x")?, inp.required("timesteps")?);
+    let (context, class_labels) = (inp.optional("context")?, inp.optional("class_labels")?);
+    let mut down = inp.indexed("down_block_additional_residuals")?;
     if down.is_empty() {
-        down = indexed(inputs, "down_block_res_samples", dev)?;
+        down = inp.indexed("down_block_res_samples")?;
     }
-    let mid = match optional(inputs, "mid_block_additional_residual", dev)? {
+    let mid = match inp.optional("mid_block_additional_residual")? {
         Some(m) => Some(m),
-        None => optional(inputs, "mid_block_res_sample", dev)?,
+        None => inp.optional("mid_block_res_sample")?,
     };
+    inp.check_all_used()?;
     let cond = Conditioning {
         context: context.as_ref(),
         class_labels: class_labels.as_ref(),
@@ -152,9 +177,10 @@ fn unet(a: &Args, inputs: &StateDict, dev: tch::Device, out: &mut Vec<(String, T
 fn controlnet(a: &Args, inputs: &StateDict, dev: tch::Device, out: &mut Vec<(String, Tensor)>) -> Result<()> {
     let l = a.m.load_controlnet(&a.weights, dev)?;
     let _guard = tch::no_grad_guard();
-    let (x, t) = (required(inputs, "x", dev)?, required(inputs, "timesteps", dev)?);
-    let cn_cond = required(inputs, "controlnet_cond", dev)?;
-    let (context, class_labels) = (optional(inputs, "context", dev)?, optional(inputs, "class_labels", dev)?);
+    let inp = NamedInputs::new(inputs, dev);
+    let (x, t, cn_cond) = (inp.required("x")?, inp.required("timesteps")?, inp.required("controlnet_cond")?);
+    let (context, class_labels) = (inp.optional("context")?, inp.optional("class_labels")?);
+    inp.check_all_used()?;
     let cond = Conditioning { context: context.as_ref(), class_labels: class_labels.as_ref(), ..Default::default() };
     let res = l.model.forward(&x, &t, &cn_cond, a.conditioning_scale, &cond)?;
     for (i, d) in res.down_block_res_samples.into_iter().enumerate() {

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::Tensor;
 
-pub use super::blocks::PerLevel;
+use super::blocks::PerLevel;
 
 /// Constructor arguments of MONAI's `AutoencoderKL`, with its defaults. The monai-generative
 /// 0.2 names (`num_channels`, `use_checkpointing`) are accepted as aliases.

@@ -141,6 +141,8 @@ fn attend(q: Tensor, k: Tensor, v: &Tensor, opts: &AttentionOptions, train: bool
     let scale = opts.math.scale(d);
     let value_kind = v.kind();
     let (q, k) = if opts.upcast { (q.to_kind(Kind::Float), k.to_kind(Kind::Float)) } else { (q, k) };
+    // MONAI's flash path passes `dropout_p` even in eval mode (a MONAI bug): medgen drops only
+    // in training, as its other paths do.
     let p_drop = if train { opts.dropout } else { 0.0 };
     match opts.math {
         AttentionMath::Sdpa => {
@@ -158,7 +160,8 @@ fn attend(q: Tensor, k: Tensor, v: &Tensor, opts: &AttentionOptions, train: bool
             let k = k.reshape([b * h, nk, d]);
             let zeros = Tensor::zeros([b * h, nq, nk], (q.kind(), q.device()));
             let att = zeros.baddbmm(&q, &k.transpose(-1, -2), 0.0, scale);
-            let att = att.softmax(-1, None).to_kind(value_kind).dropout(p_drop, train);
+            // monai-generative drops only at the output projection, never the weights.
+            let att = att.softmax(-1, None).to_kind(value_kind);
             att.bmm(&v.reshape([b * h, nk, d])).view([b, h, nq, d])
         }
     }

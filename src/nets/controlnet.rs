@@ -107,25 +107,43 @@ impl ControlNetConfig {
         }
     }
 
-    /// Does a UNet with config `unet` have the encoder this ControlNet copies?
+    /// Does a UNet with config `unet` have the encoder this ControlNet copies? Names the first
+    /// argument that differs.
     pub fn matches_unet(&self, unet: &DiffusionModelUNetConfig) -> Result<()> {
         let (a, b) = (self.encoder(), unet.encoder());
-        let same = a.in_channels == b.in_channels
-            && a.num_res_blocks.expand(a.levels()) == b.num_res_blocks.expand(b.levels())
-            && a.channels == b.channels
-            && a.attention_levels == b.attention_levels
-            && a.norm_num_groups == b.norm_num_groups
-            && a.resblock_updown == b.resblock_updown
-            && a.num_head_channels.expand(a.levels()) == b.num_head_channels.expand(b.levels())
-            && a.with_conditioning == b.with_conditioning
-            && a.transformer_num_layers == b.transformer_num_layers
-            && a.cross_attention_dim == b.cross_attention_dim
-            && a.num_class_embeds == b.num_class_embeds;
-        ensure!(
-            same,
-            "the ControlNet config's encoder (in_channels, channels, num_res_blocks, attention_levels, heads, \
-             conditioning) differs from the UNet's: {a:?} vs {b:?}"
-        );
+        let n = a.levels();
+        let fields: [(&str, String, String); 15] = [
+            ("in_channels", format!("{}", a.in_channels), format!("{}", b.in_channels)),
+            ("channels", format!("{:?}", a.channels), format!("{:?}", b.channels)),
+            (
+                "num_res_blocks",
+                format!("{:?}", a.num_res_blocks.expand(n)),
+                format!("{:?}", b.num_res_blocks.expand(n)),
+            ),
+            ("attention_levels", format!("{:?}", a.attention_levels), format!("{:?}", b.attention_levels)),
+            ("norm_num_groups", format!("{}", a.norm_num_groups), format!("{}", b.norm_num_groups)),
+            ("norm_eps", format!("{}", a.norm_eps), format!("{}", b.norm_eps)),
+            ("resblock_updown", format!("{}", a.resblock_updown), format!("{}", b.resblock_updown)),
+            (
+                "num_head_channels",
+                format!("{:?}", a.num_head_channels.expand(n)),
+                format!("{:?}", b.num_head_channels.expand(n)),
+            ),
+            ("with_conditioning", format!("{}", a.with_conditioning), format!("{}", b.with_conditioning)),
+            (
+                "transformer_num_layers",
+                format!("{}", a.transformer_num_layers),
+                format!("{}", b.transformer_num_layers),
+            ),
+            ("cross_attention_dim", format!("{:?}", a.cross_attention_dim), format!("{:?}", b.cross_attention_dim)),
+            ("num_class_embeds", format!("{:?}", a.num_class_embeds), format!("{:?}", b.num_class_embeds)),
+            ("upcast_attention", format!("{}", a.upcast_attention), format!("{}", b.upcast_attention)),
+            ("include_fc", format!("{}", a.include_fc), format!("{}", b.include_fc)),
+            ("use_combined_linear", format!("{}", a.use_combined_linear), format!("{}", b.use_combined_linear)),
+        ];
+        for (name, cn, un) in fields {
+            ensure!(cn == un, "the ControlNet's {name} ({cn}) differs from the UNet's ({un})");
+        }
         Ok(())
     }
 }
@@ -283,26 +301,31 @@ impl ControlNet {
             cond.down_block_additional_residuals.is_none() && cond.mid_block_additional_residual.is_none(),
             "ControlNet takes no additional residuals"
         );
-        enc.check_inputs("ControlNet", x, timesteps, cond)?;
+        let context = enc.prepare_inputs("ControlNet", x, timesteps, cond)?;
+        let context = context.as_ref();
         let (xs, cs) = (x.size(), controlnet_cond.size());
         let f = self.conditioning_downsampling();
+        let strides = self.config.conditioning_embedding_num_channels.len() - 1;
+        // Each 3x3 stride-2 conv with padding 1 maps n to ceil(n / 2).
+        let embedded = |n: i64| (0..strides).fold(n, |n, _| (n + 1) / 2);
         ensure!(
             cs.len() == 4
                 && cs[0] == xs[0]
                 && cs[1] == self.config.conditioning_embedding_in_channels
-                && cs[2] == xs[2] * f
-                && cs[3] == xs[3] * f,
-            "ControlNet: controlnet_cond must be (batch {}, {} channels, {}, {}) for x of shape {xs:?} \
-             (the conditioning embedding downsamples by {f}), got shape {cs:?}",
+                && embedded(cs[2]) == xs[2]
+                && embedded(cs[3]) == xs[3],
+            "ControlNet: controlnet_cond must be (batch {}, {} channels, H, W) with H, W reduced to x's {:?} by the \
+             conditioning embedding's {strides} stride-2 convs (e.g. {} x {}), got shape {cs:?}",
             xs[0],
             self.config.conditioning_embedding_in_channels,
+            &xs[2..],
             xs[2] * f,
             xs[3] * f
         );
         let emb = enc.embedding(x, timesteps, cond.class_labels)?;
         let h = enc.conv_in(x) + self.controlnet_cond_embedding.forward(controlnet_cond);
-        let (h, skips) = enc.down(h, &emb, cond.context, false);
-        let h = enc.middle_block.forward_t(&h, &emb, cond.context, false);
+        let (h, skips) = enc.down(h, &emb, context, false);
+        let h = enc.middle_block.forward_t(&h, &emb, context, false);
         let down_block_res_samples =
             skips.iter().zip(&self.controlnet_down_blocks).map(|(s, z)| z.forward(s) * conditioning_scale).collect();
         let mid_block_res_sample = h.apply(&self.controlnet_mid_block) * conditioning_scale;
@@ -319,8 +342,8 @@ impl ControlNet {
     /// shape mismatch, is an error.
     pub fn init_from_unet(vs: &VarStore, unet: StateDict) -> Result<LoadReport> {
         let shapes = checkpoint::model_shapes(vs);
-        let sd = match Generation::detect(unet.names()) {
-            Generation::Generative => naming::rename_generative(unet, &shapes)?,
+        let sd = match Generation::of(&unet) {
+            Generation::Generative => naming::rename_generative(unet, &shapes),
             Generation::Monai => unet,
         };
         let plan = checkpoint::plan_partial(vs, &sd);

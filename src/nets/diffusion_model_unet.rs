@@ -132,7 +132,8 @@ impl EncoderSpec {
         ensure!(self.spatial_dims == 2, "{model}: only spatial_dims = 2 is supported, got {}", self.spatial_dims);
         ensure!(!self.channels.is_empty(), "{model}: channels must not be empty");
         ensure!(self.norm_num_groups > 0, "{model}: norm_num_groups must be positive");
-        if let Some(c) = self.channels.iter().find(|&&c| c <= 0 || c % self.norm_num_groups != 0) {
+        ensure!(self.channels.iter().all(|&c| c > 0), "{model}: channels must be positive, got {:?}", self.channels);
+        if let Some(c) = self.channels.iter().find(|&&c| c % self.norm_num_groups != 0) {
             bail!(
                 "{model} expects all channels being multiple of norm_num_groups: {c} is not a multiple of {}",
                 self.norm_num_groups
@@ -160,7 +161,18 @@ impl EncoderSpec {
             nhc.len() == levels,
             "{model}: num_head_channels must be one integer or one per level ({levels}), got {nhc:?}"
         );
-        ensure!(self.transformer_num_layers >= 1, "{model}: transformer_num_layers must be at least 1");
+        // A level without ResnetBlocks passes its input through, which only fits if the width
+        // does not change there (MONAI fails in the forward pass otherwise).
+        for (i, w) in self.channels.windows(2).enumerate() {
+            ensure!(
+                nrb[i + 1] > 0 || w[0] == w[1],
+                "{model}: num_res_blocks[{}] = 0 needs channels[{}] == channels[{i}], got {:?}",
+                i + 1,
+                i + 1,
+                self.channels
+            );
+        }
+        ensure!(self.transformer_num_layers >= 0, "{model}: transformer_num_layers must not be negative");
         if let Some(k) = self.num_class_embeds {
             ensure!(k > 0, "{model}: num_class_embeds must be positive, got {k}");
         }
@@ -183,6 +195,15 @@ impl EncoderSpec {
             }
         }
         Ok(())
+    }
+
+    /// The width each transformer attends at (`heads * num_head_channels`), levels then the
+    /// middle block.
+    pub fn attention_widths(&self) -> Vec<i64> {
+        let nhc = self.num_head_channels.expand(self.levels());
+        let last = self.levels() - 1;
+        let inner = |i: usize| self.channels[i] / nhc[i] * nhc[i];
+        (0..self.levels()).filter(|&i| self.attention_levels[i]).map(inner).chain([inner(last)]).collect()
     }
 
     pub fn levels(&self) -> usize {
@@ -270,8 +291,15 @@ impl Encoder {
         out
     }
 
-    /// Checks what MONAI would only find out deep inside the network, with a clear message.
-    pub fn check_inputs(&self, model: &str, x: &Tensor, timesteps: &Tensor, cond: &Conditioning) -> Result<()> {
+    /// Checks what MONAI would only find out deep inside the network, with a clear message,
+    /// and returns the context expanded to the batch (a batch-1 context serves every sample).
+    pub fn prepare_inputs(
+        &self,
+        model: &str,
+        x: &Tensor,
+        timesteps: &Tensor,
+        cond: &Conditioning,
+    ) -> Result<Option<Tensor>> {
         let spec = &self.spec;
         let s = x.size();
         ensure!(s.len() == 4, "{model}: x must be (batch, channels, height, width), got shape {s:?}");
@@ -288,22 +316,39 @@ impl Encoder {
             "{model}: timesteps must be 1-D with one entry per batch element or a single one (batch {}), got shape {t:?}",
             s[0]
         );
-        match (cond.context, spec.cross_attention_dim) {
+        let context = match (cond.context, spec.cross_attention_dim) {
             (Some(_), None) => bail!("{model}: a context was given but the model has with_conditioning = false"),
             (Some(c), Some(d)) => {
                 let cs = c.size();
                 ensure!(
                     cs.len() == 3 && cs[2] == d && (cs[0] == s[0] || cs[0] == 1),
-                    "{model}: context must be (batch {}, tokens, cross_attention_dim {d}), got shape {cs:?}",
+                    "{model}: context must be (batch {} or 1, tokens, cross_attention_dim {d}), got shape {cs:?}",
                     s[0]
                 );
+                Some(c.expand([s[0], cs[1], cs[2]], false))
             }
-            _ => {}
-        }
+            (None, Some(d)) => {
+                // Without a context the cross-attention attends to the features themselves, which
+                // only fits where their width is cross_attention_dim.
+                let widths = spec.attention_widths();
+                ensure!(
+                    widths.iter().all(|&w| w == d),
+                    "{model}: the model is conditioned (cross_attention_dim {d}) and needs a context; \
+                     without one its attention widths {widths:?} would have to equal {d}"
+                );
+                None
+            }
+            (None, None) => None,
+        };
         match (cond.class_labels, spec.num_class_embeds) {
             (None, Some(_)) => bail!("{model}: class_labels should be provided when num_class_embeds is set"),
             (Some(l), Some(k)) => {
-                ensure!(l.dim() == 1, "{model}: class_labels must be 1-D, got shape {:?}", l.size());
+                ensure!(
+                    l.dim() == 1 && (l.size()[0] == s[0] || l.size()[0] == 1),
+                    "{model}: class_labels must be 1-D with one label per batch element (batch {}), got shape {:?}",
+                    s[0],
+                    l.size()
+                );
                 ensure!(
                     l.kind() == Kind::Int64 || l.kind() == Kind::Int,
                     "{model}: class_labels must be integers, got {:?}",
@@ -317,7 +362,7 @@ impl Encoder {
             (Some(_), None) => bail!("{model}: class_labels were given but the model has no num_class_embeds"),
             (None, None) => {}
         }
-        Ok(())
+        Ok(context)
     }
 
     /// `time_embed(get_timestep_embedding(t))`, plus the class embedding.
@@ -421,9 +466,10 @@ impl DiffusionModelUNet {
     /// `forward` with dropout (`dropout_cattn`) active when `train`.
     pub fn forward_t(&self, x: &Tensor, timesteps: &Tensor, cond: &Conditioning, train: bool) -> Result<Tensor> {
         let enc = &self.encoder;
-        enc.check_inputs("DiffusionModelUNet", x, timesteps, cond)?;
+        let context = enc.prepare_inputs("DiffusionModelUNet", x, timesteps, cond)?;
+        let context = context.as_ref();
         let emb = enc.embedding(x, timesteps, cond.class_labels)?;
-        let (h, mut skips) = enc.down(enc.conv_in(x), &emb, cond.context, train);
+        let (h, mut skips) = enc.down(enc.conv_in(x), &emb, context, train);
         if let Some(res) = cond.down_block_additional_residuals {
             // MONAI zips the two lists and silently drops the surplus of the longer one;
             // a count or shape mismatch is a wiring error, so medgen refuses it.
@@ -443,7 +489,7 @@ impl DiffusionModelUNet {
                 *s = &*s + r;
             }
         }
-        let mut h = enc.middle_block.forward_t(&h, &emb, cond.context, train);
+        let mut h = enc.middle_block.forward_t(&h, &emb, context, train);
         if let Some(r) = cond.mid_block_additional_residual {
             ensure!(
                 r.size() == h.size(),
@@ -455,7 +501,7 @@ impl DiffusionModelUNet {
             h = &h + r;
         }
         for block in &self.up_blocks {
-            h = block.forward_t(&h, &mut skips, &emb, cond.context, train);
+            h = block.forward_t(&h, &mut skips, &emb, context, train);
         }
         Ok(h.apply(&self.out_0).silu().apply(&self.out_2))
     }
