@@ -4,16 +4,22 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.medgen-setup
 FIXTURES := target/fixtures
+CLIP_DIR := $(VENV)/share/clip
+CLIP_VOCAB := $(CLIP_DIR)/bpe_simple_vocab_16e6.txt.gz
 
 .PHONY: setup build fixtures test demo clean-fixtures
 
 setup: $(STAMP)
 
 # Idempotent: redone only when the requirements change.
-$(STAMP): tests/requirements.txt
+$(STAMP): tests/requirements.txt Makefile
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 	ln -sfn "$$($(VPY) -c 'import os, torch; print(os.path.relpath(os.path.dirname(torch.__file__), "$(VENV)"))')" $(VENV)/libtorch
+	# The canonical CLIP BPE vocabulary ships in the open-clip-torch wheel; only that file is used.
+	$(VPY) -m pip install --quiet --disable-pip-version-check --no-deps open-clip-torch==3.3.0
+	mkdir -p $(CLIP_DIR)
+	ln -sfn "$$($(VPY) -c 'import importlib.util, os; print(os.path.join(importlib.util.find_spec("open_clip").submodule_search_locations[0], "bpe_simple_vocab_16e6.txt.gz"))')" $(CLIP_VOCAB)
 	touch $@
 
 build: setup
@@ -26,9 +32,10 @@ fixtures: setup
 	$(VPY) tests/gen_scheduler_fixtures.py --out $(FIXTURES)/schedulers
 	$(VPY) tests/gen_unet_fixtures.py --out $(FIXTURES)/unet
 	$(VPY) tests/gen_sampling_fixtures.py --out $(FIXTURES)/sampling
+	$(VPY) tests/gen_tokenizer_fixtures.py --vocab $(CLIP_VOCAB) --out $(FIXTURES)/tokenizer
 
 test: fixtures
-	MEDGEN_FIXTURES=$(CURDIR)/$(FIXTURES) MEDGEN_VENV_PYTHON=$(CURDIR)/$(VPY) cargo test -- --test-threads=1
+	MEDGEN_FIXTURES=$(CURDIR)/$(FIXTURES) MEDGEN_VENV_PYTHON=$(CURDIR)/$(VPY) MEDGEN_CLIP_VOCAB=$(CURDIR)/$(CLIP_VOCAB) cargo test -- --test-threads=1
 
 demo: build
 	@echo "medgen demo: the end-to-end FLAIR->T1w job is not built yet (issues 5-7)."

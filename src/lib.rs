@@ -7,3 +7,4 @@ pub mod device;
 pub mod nets;
 pub mod sampling;
 pub mod schedulers;
+pub mod text;

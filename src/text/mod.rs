@@ -1,0 +1,2 @@
+//! Text conditioning: the CLIP tokenizer and text encoder.
+pub mod tokenizer;
