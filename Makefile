@@ -33,6 +33,8 @@ fixtures: setup
 	$(VPY) tests/gen_unet_fixtures.py --out $(FIXTURES)/unet
 	$(VPY) tests/gen_sampling_fixtures.py --out $(FIXTURES)/sampling
 	$(VPY) tests/gen_tokenizer_fixtures.py --vocab $(CLIP_VOCAB) --out $(FIXTURES)/tokenizer
+	$(VPY) tests/gen_clip_fixtures.py --out $(FIXTURES)/clip
+	$(VPY) tests/gen_prompt_fixtures.py --vocab $(CLIP_VOCAB) --out $(FIXTURES)/prompt
 
 test: fixtures
 	MEDGEN_FIXTURES=$(CURDIR)/$(FIXTURES) MEDGEN_VENV_PYTHON=$(CURDIR)/$(VPY) MEDGEN_CLIP_VOCAB=$(CURDIR)/$(CLIP_VOCAB) cargo test -- --test-threads=1

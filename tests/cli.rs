@@ -301,3 +301,53 @@ fn convert_and_forward_unet_and_controlnet() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("AutoencoderKL operation"));
 }
+
+/// `medgen encode-prompt` against transformers (tests/gen_prompt_fixtures.py), then the context file
+/// read back as training and sampling read it.
+#[test]
+fn encode_prompt_round_trip() {
+    let root = fixtures().join("prompt");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ctx/reference.safetensors");
+    let expected = StateDict::load(&root.join("expected.safetensors"), None).unwrap();
+    let prompts: Vec<String> = expected.metadata["prompts"].split('\n').map(String::from).collect();
+    let run = |extra: &[&str], out: &Path| {
+        let te = root.join("text_encoder");
+        let tok = root.join("tokenizer");
+        let mut args = vec!["encode-prompt", "--text-encoder", s(&te), "--tokenizer", s(&tok), "--output", s(out)];
+        for p in &prompts {
+            args.extend(["--prompt", p.as_str()]);
+        }
+        args.extend(extra);
+        ok(medgen(&args))
+    };
+    let msg = run(&[], &out);
+    assert!(msg.contains("\"t</w>\", \"1</w>\", \"-</w>\", \"weighted</w>\""), "prints the tokens: {msg}");
+    let ctx = medgen::text::context::PromptContexts::load(&out, tch::Device::Cpu).unwrap();
+    assert_eq!(ctx.prompts, prompts);
+    for (name, got) in
+        [("context", &ctx.context), ("uncond_context", &ctx.uncond_context), ("null_context", &ctx.null_context)]
+    {
+        let err = max_abs_diff(got, expected.get(name).unwrap());
+        println!("encode-prompt {name}: max abs error {err:.3e}");
+        assert!(err <= 1e-5, "{name}: {err}");
+    }
+    let ids = ctx.input_ids.as_ref().expect("ids saved");
+    for (got, name) in ids.iter().zip(["input_ids", "uncond_input_ids", "null_input_ids"]) {
+        assert!(got.equal(expected.get(name).unwrap()), "{name}");
+    }
+    // diffusers' clip_skip=1: the penultimate layer, final layer norm applied.
+    let skip = tmp.path().join("skip.safetensors");
+    run(&["--clip-skip", "1"], &skip);
+    let ctx = medgen::text::context::PromptContexts::load(&skip, tch::Device::Cpu).unwrap();
+    let err = max_abs_diff(&ctx.context, expected.get("context_clip_skip_1").unwrap());
+    assert!(err <= 1e-5, "clip_skip 1: {err}");
+
+    // Not a context file: named.
+    let e = format!(
+        "{:#}",
+        medgen::text::context::PromptContexts::load(&root.join("text_encoder/model.safetensors"), tch::Device::Cpu)
+            .unwrap_err()
+    );
+    assert!(e.contains("model.safetensors") && e.contains("not a context file"), "{e}");
+}

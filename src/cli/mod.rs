@@ -1,5 +1,6 @@
 //! The `medgen` command line.
 mod convert;
+mod encode_prompt;
 mod forward;
 mod inspect;
 
@@ -24,6 +25,8 @@ pub enum Command {
     Forward(forward::Args),
     /// List the tensors of a checkpoint (torch.save or safetensors).
     Inspect(inspect::Args),
+    /// Encode prompts with a CLIP text encoder into a context file for training and sampling.
+    EncodePrompt(encode_prompt::Args),
 }
 
 /// Networks the commands know.
@@ -86,5 +89,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Convert(a) => convert::run(a),
         Command::Forward(a) => forward::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::EncodePrompt(a) => encode_prompt::run(a),
     }
 }
