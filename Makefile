@@ -6,8 +6,11 @@ STAMP := $(VENV)/.medgen-setup
 FIXTURES := target/fixtures
 CLIP_DIR := $(VENV)/share/clip
 CLIP_VOCAB := $(CLIP_DIR)/bpe_simple_vocab_16e6.txt.gz
+NILEARN_WHEEL := $(VENV)/wheels/nilearn-0.14.1-py3-none-any.whl
+DATA := data
+SUBJECTS ?= 200
 
-.PHONY: setup build fixtures test demo clean-fixtures
+.PHONY: setup build fixtures test demo data clean-fixtures
 
 setup: $(STAMP)
 
@@ -20,6 +23,8 @@ $(STAMP): tests/requirements.txt Makefile
 	$(VPY) -m pip install --quiet --disable-pip-version-check --no-deps open-clip-torch==3.3.0
 	mkdir -p $(CLIP_DIR)
 	ln -sfn "$$($(VPY) -c 'import importlib.util, os; print(os.path.join(importlib.util.find_spec("open_clip").submodule_search_locations[0], "bpe_simple_vocab_16e6.txt.gz"))')" $(CLIP_VOCAB)
+	# The ICBM152 2009a anatomy the synthetic data set is built from ships in the nilearn wheel.
+	$(VPY) -m pip download --quiet --disable-pip-version-check --no-deps -d $(VENV)/wheels nilearn==0.14.1
 	touch $@
 
 build: setup
@@ -35,9 +40,16 @@ fixtures: setup
 	$(VPY) tests/gen_tokenizer_fixtures.py --vocab $(CLIP_VOCAB) --out $(FIXTURES)/tokenizer
 	$(VPY) tests/gen_clip_fixtures.py --out $(FIXTURES)/clip
 	$(VPY) tests/gen_prompt_fixtures.py --vocab $(CLIP_VOCAB) --out $(FIXTURES)/prompt
+	$(VPY) tests/gen_augment_fixtures.py --out $(FIXTURES)/augment
 
 test: fixtures
-	MEDGEN_FIXTURES=$(CURDIR)/$(FIXTURES) MEDGEN_VENV_PYTHON=$(CURDIR)/$(VPY) MEDGEN_CLIP_VOCAB=$(CURDIR)/$(CLIP_VOCAB) cargo test -- --test-threads=1
+	MEDGEN_FIXTURES=$(CURDIR)/$(FIXTURES) MEDGEN_VENV_PYTHON=$(CURDIR)/$(VPY) MEDGEN_CLIP_VOCAB=$(CURDIR)/$(CLIP_VOCAB) MEDGEN_NILEARN_WHEEL=$(CURDIR)/$(NILEARN_WHEEL) cargo test -- --test-threads=1
+
+# The default data set: synthetic FLAIR/T1w volumes from real anatomy, then the reference slice
+# extraction and lists (data/png/{train,validation,test}.tsv).
+data: build
+	./target/release/medgen synth --nilearn-wheel $(NILEARN_WHEEL) --output $(DATA)/raw --subjects $(SUBJECTS) --seed 0
+	./target/release/medgen preprocess --input $(DATA)/raw --output $(DATA)/png --split 0.8,0.1 --resume
 
 demo: build
 	@echo "medgen demo: the end-to-end FLAIR->T1w job is not built yet (issues 5-7)."

@@ -8,3 +8,4 @@ pub mod nets;
 pub mod sampling;
 pub mod schedulers;
 pub mod text;
+pub mod data;

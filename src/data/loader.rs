@@ -1,0 +1,216 @@
+//! The training data loader: a `t1w`/`flair` TSV list and its PNGs, read as the reference reads
+//! them (8-bit grayscale, `u8 / 255.0`), augmented with one draw per sample for both images,
+//! batched, and decoded in parallel (rayon) on a background thread ahead of the training step.
+//!
+//! Everything random (the order and each sample's augmentation) is a function of the seed, the
+//! epoch and the sample's row, not of thread timing: the same seed gives the same batches.
+use super::augment::AugmentConfig;
+use anyhow::{bail, ensure, Context, Result};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver};
+use tch::Tensor;
+
+/// One row of a list: a T1w slice and, in ControlNet lists, its FLAIR slice.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PairRecord {
+    pub t1w: PathBuf,
+    pub flair: Option<PathBuf>,
+}
+
+/// Reads a list written by `medgen preprocess` (or the reference `create_datalist.py`): a header
+/// naming the `t1w` and optionally `flair` columns, tab-separated. Relative paths are relative
+/// to the list's directory.
+pub fn read_list(path: &Path) -> Result<Vec<PairRecord>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read list {}", path.display()))?;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().with_context(|| format!("{} is empty", path.display()))?.split('\t').collect();
+    let col = |name: &str| header.iter().position(|h| h.trim() == name);
+    let t1w_col =
+        col("t1w").with_context(|| format!("{}: no `t1w` column in the header {header:?}", path.display()))?;
+    let flair_col = col("flair");
+    let base = path.parent().unwrap_or(Path::new(""));
+    let mut records = Vec::new();
+    for (i, line) in lines.enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let fields: Vec<&str> = line.split('\t').collect();
+        let field = |c: usize| -> Result<PathBuf> {
+            let f =
+                fields.get(c).with_context(|| format!("{} line {}: {} fields", path.display(), i + 2, fields.len()))?;
+            Ok(base.join(f.trim()))
+        };
+        records.push(PairRecord { t1w: field(t1w_col)?, flair: flair_col.map(field).transpose()? });
+    }
+    Ok(records)
+}
+
+/// A PNG as a `(1, H, W)` float32 tensor, `u8 / 255.0` (a division, as MONAI's
+/// `ScaleIntensityRanged` does; multiplying by 1/255 differs in the last bit).
+pub fn load_png(path: &Path) -> Result<Tensor> {
+    let img = image::open(path).with_context(|| format!("cannot read image {}", path.display()))?;
+    let gray = match img {
+        image::DynamicImage::ImageLuma8(g) => g,
+        other => bail!("{}: expected an 8-bit grayscale PNG, got {:?}", path.display(), other.color()),
+    };
+    let (w, h) = gray.dimensions();
+    let values: Vec<f32> = gray.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
+    Ok(Tensor::from_slice(&values).view([1, h as i64, w as i64]))
+}
+
+/// One batch: `(B, 1, H, W)` images, the list rows they came from, and which samples drop their
+/// text conditioning (the reference's classifier-free-guidance dropout).
+#[derive(Debug)]
+pub struct Batch {
+    pub t1w: Tensor,
+    pub flair: Option<Tensor>,
+    pub rows: Vec<usize>,
+    pub drop_context: Vec<bool>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoaderConfig {
+    pub batch_size: usize,
+    pub shuffle: bool,
+    pub drop_last: bool,
+    pub augment: Option<AugmentConfig>,
+    /// Load the `flair` column too (ControlNet training).
+    pub with_flair: bool,
+    /// Probability that a sample's text is replaced by the null prompt (0.1 in the reference).
+    pub context_dropout: f64,
+    pub seed: u64,
+    /// Batches decoded ahead of the consumer.
+    pub prefetch: usize,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 8,
+            shuffle: true,
+            drop_last: false,
+            augment: None,
+            with_flair: false,
+            context_dropout: 0.0,
+            seed: 42,
+            prefetch: 2,
+        }
+    }
+}
+
+pub struct DataLoader {
+    records: std::sync::Arc<Vec<PairRecord>>,
+    cfg: LoaderConfig,
+}
+
+/// A generator for one sample of one epoch: independent of the order samples are decoded in.
+fn sample_rng(seed: u64, epoch: u64, row: usize) -> ChaCha8Rng {
+    let mut r = ChaCha8Rng::seed_from_u64(seed);
+    r.set_stream(epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ row as u64);
+    r
+}
+
+fn load_sample(rec: &PairRecord, cfg: &LoaderConfig, epoch: u64, row: usize) -> Result<(Tensor, Option<Tensor>, bool)> {
+    let mut rng = sample_rng(cfg.seed, epoch, row);
+    let params = cfg.augment.map(|a| a.draw(&mut rng)).unwrap_or_default();
+    let drop = cfg.context_dropout > 0.0 && rng.random::<f64>() < cfg.context_dropout;
+    let aug = |img: Tensor| -> Result<Tensor> {
+        if cfg.augment.is_some() {
+            params.apply(&img)
+        } else {
+            Ok(img)
+        }
+    };
+    let t1w = aug(load_png(&rec.t1w)?)?;
+    let flair = if cfg.with_flair {
+        let p = rec.flair.as_ref().with_context(|| format!("row {row}: the list has no flair column"))?;
+        let f = aug(load_png(p)?)?;
+        ensure!(
+            f.size() == t1w.size(),
+            "row {row}: FLAIR {} is {:?}, T1w {} is {:?}",
+            p.display(),
+            f.size(),
+            rec.t1w.display(),
+            t1w.size()
+        );
+        Some(f)
+    } else {
+        None
+    };
+    Ok((t1w, flair, drop))
+}
+
+impl DataLoader {
+    pub fn new(records: Vec<PairRecord>, cfg: LoaderConfig) -> Result<Self> {
+        ensure!(cfg.batch_size > 0, "batch_size must be positive");
+        ensure!(!records.is_empty(), "the list is empty");
+        ensure!((0.0..=1.0).contains(&cfg.context_dropout), "context_dropout must be in [0, 1]");
+        if cfg.with_flair {
+            if let Some(i) = records.iter().position(|r| r.flair.is_none()) {
+                bail!("row {i} has no flair image, which ControlNet training needs");
+            }
+        }
+        Ok(Self { records: std::sync::Arc::new(records), cfg })
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// Batches per epoch.
+    pub fn num_batches(&self) -> usize {
+        let (n, b) = (self.records.len(), self.cfg.batch_size);
+        if self.cfg.drop_last {
+            n / b
+        } else {
+            n.div_ceil(b)
+        }
+    }
+
+    /// The row order of an epoch.
+    pub fn order(&self, epoch: u64) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.records.len()).collect();
+        if self.cfg.shuffle {
+            let mut rng = ChaCha8Rng::seed_from_u64(self.cfg.seed ^ 0x5EED_0000_0000_0000);
+            rng.set_stream(epoch);
+            order.shuffle(&mut rng);
+        }
+        order
+    }
+
+    /// The batches of `epoch`, decoded on a background thread `prefetch` batches ahead. A file
+    /// that cannot be read ends the epoch with an error naming it.
+    pub fn epoch(&self, epoch: u64) -> Receiver<Result<Batch>> {
+        let (tx, rx) = sync_channel(self.cfg.prefetch.max(1));
+        let records = self.records.clone();
+        let cfg = self.cfg.clone();
+        let order = self.order(epoch);
+        let nb = self.num_batches();
+        std::thread::spawn(move || {
+            for chunk in order.chunks(cfg.batch_size).take(nb) {
+                let samples: Result<Vec<_>> =
+                    chunk.par_iter().map(|&row| load_sample(&records[row], &cfg, epoch, row)).collect();
+                let batch = samples.map(|s| {
+                    let t1w = Tensor::stack(&s.iter().map(|x| &x.0).collect::<Vec<_>>(), 0);
+                    let flair = cfg
+                        .with_flair
+                        .then(|| Tensor::stack(&s.iter().map(|x| x.1.as_ref().unwrap()).collect::<Vec<_>>(), 0));
+                    Batch { t1w, flair, rows: chunk.to_vec(), drop_context: s.iter().map(|x| x.2).collect() }
+                });
+                let failed = batch.is_err();
+                if tx.send(batch).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+}

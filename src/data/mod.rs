@@ -1,0 +1,5 @@
+//! Data: NIfTI volumes, the reference slice extraction and lists, the synthetic default data
+//! set, and the training data loader.
+pub mod volume;
+pub mod augment;
+pub mod loader;

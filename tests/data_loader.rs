@@ -1,0 +1,163 @@
+//! The training data loader and its augmentations: MONAI's deterministic transforms for the same
+//! parameters (tests/gen_augment_fixtures.py), PNG reading, pair alignment under augmentation,
+//! determinism per seed, batching.
+mod common;
+
+use common::{fixtures, max_abs_diff};
+use medgen::checkpoint::StateDict;
+use medgen::data::augment::{Affine, AugmentConfig, AugmentParams};
+use medgen::data::loader::{load_png, read_list, DataLoader, LoaderConfig};
+use serde_json::Value;
+use std::path::Path;
+use tch::Tensor;
+
+#[test]
+fn augmentations_match_monai_for_the_same_parameters() {
+    let root = fixtures().join("augment");
+    let io = StateDict::load(&root.join("augment.safetensors"), None).unwrap();
+    let cases: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(root.join("manifest.json")).unwrap()).unwrap();
+    let img = io.get("image").unwrap();
+    for c in &cases {
+        let name = c["name"].as_str().unwrap();
+        let f = |k: &str| -> Option<[f64; 2]> { c.get(k).map(|v| [v[0].as_f64().unwrap(), v[1].as_f64().unwrap()]) };
+        let p = AugmentParams {
+            flip: c.get("flip").is_some(),
+            affine: f("translate").map(|translate| Affine { translate, scale: f("scale").unwrap() }),
+            shift: c.get("shift").map(|v| v.as_f64().unwrap()),
+            gamma: c.get("gamma").map(|v| v.as_f64().unwrap()),
+        };
+        // `apply` ends with the [0, 1] clamp MONAI's two thresholds perform; the fixture stops before it.
+        let got = p.apply(img).unwrap();
+        let want = io.get(name).unwrap().clamp(0.0, 1.0);
+        let err = max_abs_diff(&got, &want);
+        println!("{name:24} max abs error {err:.3e}");
+        assert!(err <= 1e-5, "{name}: {err}");
+    }
+}
+
+/// Writes `n` PNG pairs (FLAIR identical to T1w, so an aligned augmentation keeps them equal) and
+/// their list; returns the list path.
+fn write_pairs(dir: &Path, n: usize) -> std::path::PathBuf {
+    let mut tsv = String::from("t1w\tflair\n");
+    for i in 0..n {
+        let img =
+            image::GrayImage::from_fn(24, 16, |x, y| image::Luma([((x * 7 + y * 13 + i as u32 * 31) % 256) as u8]));
+        let t1w = dir.join(format!("s{i}_T1w.png"));
+        let flair = dir.join(format!("s{i}_FLAIR.png"));
+        img.save(&t1w).unwrap();
+        img.save(&flair).unwrap();
+        // Relative paths resolve against the list's directory.
+        tsv.push_str(&format!("s{i}_T1w.png\t{}\n", flair.display()));
+    }
+    let list = dir.join("train.tsv");
+    std::fs::write(&list, tsv).unwrap();
+    list
+}
+
+fn all_batches(loader: &DataLoader, epoch: u64) -> Vec<medgen::data::loader::Batch> {
+    loader.epoch(epoch).into_iter().map(|b| b.unwrap()).collect()
+}
+
+#[test]
+fn loader_keeps_pairs_aligned_and_is_deterministic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let list = write_pairs(tmp.path(), 23);
+    let records = read_list(&list).unwrap();
+    assert_eq!(records.len(), 23);
+    assert_eq!(records[0].t1w, tmp.path().join("s0_T1w.png"));
+
+    // Exactly u8 / 255 (division), shape (1, H, W).
+    let px = load_png(&records[3].t1w).unwrap();
+    assert_eq!(px.size(), [1, 16, 24]);
+    let raw = image::open(&records[3].t1w).unwrap().to_luma8();
+    let want: Vec<f32> = raw.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
+    assert!(px.flatten(0, -1).equal(&Tensor::from_slice(&want)));
+
+    // Everything applies often, to see it happen.
+    let aug = AugmentConfig {
+        flip_prob: 0.5,
+        affine_prob: 0.9,
+        shift_prob: 0.5,
+        contrast_prob: 0.5,
+        ..AugmentConfig::default()
+    };
+    let cfg = LoaderConfig {
+        batch_size: 5,
+        augment: Some(aug),
+        with_flair: true,
+        context_dropout: 0.3,
+        seed: 7,
+        ..Default::default()
+    };
+    let loader = DataLoader::new(records.clone(), cfg.clone()).unwrap();
+    assert_eq!(loader.num_batches(), 5);
+    let a = all_batches(&loader, 0);
+    assert_eq!(a.len(), 5);
+    assert_eq!(a[4].t1w.size(), [3, 1, 16, 24], "the last batch is partial without drop_last");
+    let mut changed = 0;
+    for b in &a {
+        let flair = b.flair.as_ref().unwrap();
+        assert!(b.t1w.equal(flair), "FLAIR and T1w of a pair must get the same augmentation");
+        for (k, &row) in b.rows.iter().enumerate() {
+            let original = load_png(&records[row].t1w).unwrap();
+            if max_abs_diff(&b.t1w.get(k as i64), &original) > 1e-6 {
+                changed += 1;
+            }
+            let v = b.t1w.get(k as i64);
+            assert!(f64::try_from(v.min()).unwrap() >= 0.0 && f64::try_from(v.max()).unwrap() <= 1.0);
+        }
+    }
+    assert!(changed >= 15, "augmentation should change most samples, changed {changed} of 23");
+    let dropped: usize = a.iter().map(|b| b.drop_context.iter().filter(|&&d| d).count()).sum();
+    assert!((1..23).contains(&dropped), "context dropout 0.3 dropped {dropped} of 23");
+
+    // Same seed, same epoch: the same batches, whatever the thread timing. Another epoch: another order.
+    let again = all_batches(&DataLoader::new(records.clone(), cfg.clone()).unwrap(), 0);
+    for (x, y) in a.iter().zip(&again) {
+        assert_eq!(x.rows, y.rows);
+        assert!(x.t1w.equal(&y.t1w));
+        assert_eq!(x.drop_context, y.drop_context);
+    }
+    let rows = |bs: &[medgen::data::loader::Batch]| bs.iter().flat_map(|b| b.rows.clone()).collect::<Vec<_>>();
+    let e1 = all_batches(&loader, 1);
+    assert_ne!(rows(&a), rows(&e1));
+    let mut sorted = rows(&e1);
+    sorted.sort();
+    assert_eq!(sorted, (0..23).collect::<Vec<_>>(), "an epoch visits every row once");
+    let other_seed = DataLoader::new(records.clone(), LoaderConfig { seed: 8, ..cfg.clone() }).unwrap();
+    assert_ne!(rows(&a), rows(&all_batches(&other_seed, 0)));
+
+    // No shuffle, no augmentation, drop_last: the list order, the images as read.
+    let plain = LoaderConfig { batch_size: 4, shuffle: false, drop_last: true, ..Default::default() };
+    let p = all_batches(&DataLoader::new(records.clone(), plain).unwrap(), 0);
+    assert_eq!(p.len(), 5);
+    assert_eq!(rows(&p), (0..20).collect::<Vec<_>>());
+    assert!(p[0].t1w.get(1).equal(&load_png(&records[1].t1w).unwrap()));
+    assert!(p[0].flair.is_none());
+}
+
+#[test]
+fn bad_data_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let list = write_pairs(tmp.path(), 3);
+    let records = read_list(&list).unwrap();
+    // A colour PNG and a missing file: the epoch ends with an error naming the file.
+    image::RgbImage::new(4, 4).save(&records[1].t1w).unwrap();
+    let e = format!("{:#}", load_png(&records[1].t1w).unwrap_err());
+    assert!(e.contains("s1_T1w.png") && e.contains("8-bit grayscale"), "{e}");
+    std::fs::remove_file(&records[2].flair.clone().unwrap()).unwrap();
+    let cfg = LoaderConfig { batch_size: 3, shuffle: false, with_flair: true, ..Default::default() };
+    let r: Vec<_> = DataLoader::new(records, cfg).unwrap().epoch(0).into_iter().collect();
+    let e = format!("{:#}", r.last().unwrap().as_ref().unwrap_err());
+    assert!(e.contains("s1_T1w.png") || e.contains("s2_FLAIR.png"), "{e}");
+
+    let bad = tmp.path().join("bad.tsv");
+    std::fs::write(&bad, "image\tlabel\na\tb\n").unwrap();
+    let e = format!("{:#}", read_list(&bad).unwrap_err());
+    assert!(e.contains("bad.tsv") && e.contains("t1w"), "{e}");
+    let no_flair = tmp.path().join("t1.tsv");
+    std::fs::write(&no_flair, "t1w\ns0_T1w.png\n").unwrap();
+    let e = DataLoader::new(read_list(&no_flair).unwrap(), LoaderConfig { with_flair: true, ..Default::default() });
+    assert!(format!("{:#}", e.err().unwrap()).contains("no flair"));
+}
