@@ -9,3 +9,5 @@ pub mod sampling;
 pub mod schedulers;
 pub mod text;
 pub mod data;
+pub mod losses;
+pub mod train;

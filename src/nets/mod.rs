@@ -3,6 +3,7 @@ pub mod autoencoder_kl;
 pub mod blocks;
 pub mod controlnet;
 pub mod diffusion_model_unet;
+pub mod lpips;
 mod unet_blocks;
 
 pub use autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};

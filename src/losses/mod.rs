@@ -1,0 +1,2 @@
+//! Training losses: adversarial, KL, perceptual (LPIPS).
+pub mod perceptual;

@@ -1,0 +1,4 @@
+//! Training: optimisers with state, the loss scaler, checkpoints and the three stage loops.
+pub mod checkpoint;
+pub mod grad_scaler;
+pub mod optim;
