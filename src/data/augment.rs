@@ -59,8 +59,7 @@ impl AugmentConfig {
     /// Draws the parameters of one sample, transform by transform as MONAI's `Compose` does
     /// (each draws whether it applies, then its parameters).
     pub fn draw(&self, rng: &mut impl Rng) -> AugmentParams {
-        let mut p = AugmentParams::default();
-        p.flip = rng.random::<f64>() < self.flip_prob;
+        let mut p = AugmentParams { flip: rng.random::<f64>() < self.flip_prob, ..Default::default() };
         if rng.random::<f64>() < self.affine_prob {
             let t = self.translate_range;
             let s = self.scale_range;
@@ -105,7 +104,7 @@ impl AugmentParams {
             x = affine(&x, a)?;
         }
         if let Some(o) = self.shift {
-            x = x + o;
+            x = &x + o;
         }
         if let Some(g) = self.gamma {
             x = adjust_contrast(&x, g)?;

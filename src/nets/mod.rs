@@ -4,6 +4,7 @@ pub mod blocks;
 pub mod controlnet;
 pub mod diffusion_model_unet;
 pub mod lpips;
+pub mod patch_discriminator;
 mod unet_blocks;
 
 pub use autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
