@@ -41,6 +41,7 @@ fixtures: setup
 	$(VPY) tests/gen_clip_fixtures.py --out $(FIXTURES)/clip
 	$(VPY) tests/gen_prompt_fixtures.py --vocab $(CLIP_VOCAB) --out $(FIXTURES)/prompt
 	$(VPY) tests/gen_augment_fixtures.py --out $(FIXTURES)/augment
+	$(VPY) tests/gen_preprocess_fixtures.py --out $(FIXTURES)/preprocess
 	$(VPY) tests/gen_lpips_fixtures.py --out $(FIXTURES)/lpips
 	$(VPY) tests/gen_loss_fixtures.py --out $(FIXTURES)/losses
 	$(VPY) tests/gen_optim_fixtures.py --out $(FIXTURES)/optim

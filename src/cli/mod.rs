@@ -3,6 +3,7 @@ mod convert;
 mod encode_prompt;
 mod forward;
 mod inspect;
+mod preprocess;
 
 use crate::checkpoint::{load_model, Loaded, StateDict};
 use crate::config;
@@ -27,6 +28,8 @@ pub enum Command {
     Inspect(inspect::Args),
     /// Encode prompts with a CLIP text encoder into a context file for training and sampling.
     EncodePrompt(encode_prompt::Args),
+    /// Extract the reference 2D slices (PNG) and train/validation/test lists from T1w/FLAIR volumes.
+    Preprocess(preprocess::Args),
 }
 
 /// Networks the commands know.
@@ -90,5 +93,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Forward(a) => forward::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::EncodePrompt(a) => encode_prompt::run(a),
+        Command::Preprocess(a) => preprocess::run(a),
     }
 }

@@ -3,3 +3,4 @@
 pub mod volume;
 pub mod augment;
 pub mod loader;
+pub mod preprocess;

@@ -4,7 +4,7 @@
 use anyhow::{anyhow, ensure, Context, Result};
 use ndarray::{Array3, Ix3};
 use nifti::writer::WriterOptions;
-use nifti::{IntoNdArray, NiftiHeader, NiftiObject, ReaderOptions};
+use nifti::{IntoNdArray, NiftiHeader, NiftiObject, NiftiVolume, ReaderOptions};
 use std::path::{Path, PathBuf};
 
 /// A 3-D volume indexed `[i, j, k]` as nibabel indexes `get_fdata()`.
@@ -27,8 +27,14 @@ pub fn read_volume(path: &Path) -> Result<Volume> {
         .read_file(path)
         .map_err(|e| anyhow!("{}: cannot read NIfTI: {e}", path.display()))?;
     let header = obj.header().clone();
-    let data = obj
-        .into_volume()
+    let mut volume = obj.into_volume();
+    if !header.scl_slope.is_finite() {
+        // nibabel treats a NaN or infinite slope as "no scaling"; the nifti crate would apply it.
+        let (dim, datatype, endianness) = (header.dim, volume.data_type(), header.endianness);
+        volume = nifti::InMemNiftiVolume::from_raw_fields(dim, datatype, 0.0, 0.0, volume.into_raw_data(), endianness)
+            .map_err(|e| anyhow!("{}: cannot rebuild the volume without its slope: {e}", path.display()))?;
+    }
+    let data = volume
         .into_ndarray::<f64>()
         .map_err(|e| anyhow!("{}: cannot decode the NIfTI volume: {e}", path.display()))?;
     let shape = data.shape().to_vec();
