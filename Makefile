@@ -46,6 +46,7 @@ fixtures: setup
 	$(VPY) tests/gen_loss_fixtures.py --out $(FIXTURES)/losses
 	$(VPY) tests/gen_optim_fixtures.py --out $(FIXTURES)/optim
 	$(VPY) tests/gen_train_step_fixtures.py --out $(FIXTURES)/train_step
+	$(VPY) tests/gen_train_aekl_fixtures.py --out $(FIXTURES)/train_aekl
 
 test: fixtures
 	MEDGEN_FIXTURES=$(CURDIR)/$(FIXTURES) MEDGEN_VENV_PYTHON=$(CURDIR)/$(VPY) MEDGEN_CLIP_VOCAB=$(CURDIR)/$(CLIP_VOCAB) MEDGEN_NILEARN_WHEEL=$(CURDIR)/$(NILEARN_WHEEL) cargo test -- --test-threads=1

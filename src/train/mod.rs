@@ -1,4 +1,5 @@
 //! Training: optimisers with state, the loss scaler, checkpoints and the three stage loops.
+pub mod aekl;
 pub mod checkpoint;
 pub mod diffusion;
 pub mod grad_scaler;
