@@ -4,6 +4,7 @@ mod encode_prompt;
 mod forward;
 mod inspect;
 mod preprocess;
+mod train;
 
 use crate::checkpoint::{load_model, Loaded, StateDict};
 use crate::config;
@@ -30,6 +31,8 @@ pub enum Command {
     EncodePrompt(encode_prompt::Args),
     /// Extract the reference 2D slices (PNG) and train/validation/test lists from T1w/FLAIR volumes.
     Preprocess(preprocess::Args),
+    /// Train a stage: the AutoencoderKL, the LDM or the ControlNet.
+    Train(train::Args),
 }
 
 /// Networks the commands know.
@@ -94,5 +97,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect(a) => inspect::run(a),
         Command::EncodePrompt(a) => encode_prompt::run(a),
         Command::Preprocess(a) => preprocess::run(a),
+        Command::Train(a) => train::run(a),
     }
 }

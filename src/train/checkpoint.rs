@@ -53,6 +53,12 @@ impl Checkpoint {
             }
         }
         let mut meta = BTreeMap::new();
+        // A part's own metadata (an optimiser's hyper-parameters) travels under the same prefix.
+        for (part, dict) in &self.parts {
+            for (k, v) in &dict.metadata {
+                meta.insert(format!("{part}/{k}"), v.clone());
+            }
+        }
         let mut state = self.state.clone();
         state.format_version = FORMAT_VERSION;
         meta.insert(META_STATE.to_string(), serde_json::to_string(&state)?);
@@ -83,6 +89,11 @@ impl Checkpoint {
             let (part, key) =
                 name.split_once('/').with_context(|| format!("{}: tensor {name:?} has no part", path.display()))?;
             parts.entry(part.to_string()).or_default().insert(key.to_string(), t.shallow_clone());
+        }
+        for (k, v) in &sd.metadata {
+            if let Some((part, key)) = k.split_once('/') {
+                parts.entry(part.to_string()).or_default().metadata.insert(key.to_string(), v.clone());
+            }
         }
         let config = sd.metadata.get(META_CONFIG).cloned().unwrap_or_default();
         Ok(Self { parts, state, config })

@@ -4,3 +4,5 @@ pub mod checkpoint;
 pub mod diffusion;
 pub mod grad_scaler;
 pub mod optim;
+pub mod run;
+pub mod stages;

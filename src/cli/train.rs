@@ -1,0 +1,75 @@
+use crate::device;
+use crate::train::stages::{train_aekl, train_controlnet, train_ldm, TrainInputs};
+use anyhow::Result;
+use clap::ValueEnum;
+use std::path::PathBuf;
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// AutoencoderKL with its patch discriminator and perceptual loss.
+    Aekl,
+    /// The latent diffusion UNet on the frozen autoencoder's latents.
+    Ldm,
+    /// The ControlNet on FLAIR, initialised from the frozen LDM UNet.
+    Controlnet,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[arg(value_enum)]
+    stage: Stage,
+    /// Stage config (the reference layout plus a `train` section), e.g. configs/demo/aekl.json.
+    #[arg(long)]
+    config: PathBuf,
+    /// Directory with train.tsv and validation.tsv (`medgen preprocess` output).
+    #[arg(long)]
+    data: PathBuf,
+    /// Run directory: checkpoint, best/final weights, metrics.jsonl, loss_curve.png, image grids.
+    #[arg(long)]
+    run: PathBuf,
+    /// Continue the run in --run from its checkpoint, exactly.
+    #[arg(long)]
+    resume: bool,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// LDM/ControlNet: the AutoencoderKL config and weights (e.g. runs/aekl/final_model.safetensors).
+    #[arg(long, requires = "stage1_weights")]
+    stage1_config: Option<PathBuf>,
+    #[arg(long, requires = "stage1_config")]
+    stage1_weights: Option<PathBuf>,
+    /// ControlNet: the LDM config and UNet weights.
+    #[arg(long, requires = "ldm_weights")]
+    ldm_config: Option<PathBuf>,
+    #[arg(long, requires = "ldm_config")]
+    ldm_weights: Option<PathBuf>,
+    /// A context file from `medgen encode-prompt`, for a conditioned UNet.
+    #[arg(long)]
+    context: Option<PathBuf>,
+    /// The Python environment `make setup` made (LPIPS lin heads are read from its lpips package).
+    #[arg(long, default_value = ".venv")]
+    venv: PathBuf,
+    /// Stop after this many optimiser steps, with a checkpoint (as an interruption would).
+    #[arg(long)]
+    max_steps: Option<u64>,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let inputs = TrainInputs {
+        config: a.config,
+        data: a.data,
+        run: a.run,
+        resume: a.resume,
+        device: device::parse(&a.device)?,
+        stage1: a.stage1_config.zip(a.stage1_weights),
+        ldm: a.ldm_config.zip(a.ldm_weights),
+        context: a.context,
+        venv: a.venv,
+        max_steps: a.max_steps,
+    };
+    match a.stage {
+        Stage::Aekl => train_aekl(&inputs),
+        Stage::Ldm => train_ldm(&inputs),
+        Stage::Controlnet => train_controlnet(&inputs),
+    }
+}

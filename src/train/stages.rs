@@ -1,0 +1,543 @@
+//! `medgen train aekl|ldm|controlnet`: the reference's three training loops (reference-repo.md
+//! §3.5-3.7) around the step functions of `aekl.rs` and `diffusion.rs`, with checkpoints that
+//! resume exactly, validation, best/final weights, metrics and pictures.
+//!
+//! Exact resume rests on three things: a checkpoint holds every weight, buffer and optimiser
+//! moment; every random draw of a step is seeded from (seed, step) (`run::seed_step`); the data
+//! loader's order and augmentations are functions of (seed, epoch, row). A run resumed from any
+//! checkpoint therefore computes what the uninterrupted run computed, bit for bit on CPU.
+use super::aekl::{aekl_eval, aekl_step, AeklLossWeights, AeklModels};
+use super::checkpoint::{Checkpoint, TrainState};
+use super::diffusion::{diffusion_loss, ControlInput};
+use super::optim::{Adam, AdamConfig};
+use super::run::{check_finite, interrupt_flag, save_curves, save_grid, seed_step, RunDir, TrainSettings};
+use crate::checkpoint::{load_model, load_strict, StateDict};
+use crate::config::{self, model_params, read_json};
+use crate::data::augment::AugmentConfig;
+use crate::data::loader::{read_list, Batch, DataLoader, LoaderConfig};
+use crate::losses::adversarial::PatchAdversarialLoss;
+use crate::losses::perceptual::{PerceptualLoss, PerceptualLossConfig};
+use crate::nets::patch_discriminator::{PatchDiscriminator, PatchDiscriminatorConfig};
+use crate::nets::{AutoencoderKL, ControlNet, DiffusionModelUNet};
+use crate::sampling::{decode_latent, sample_latent, Control, TextConditioning};
+use crate::schedulers::{self, NoiseSchedule, SchedulerConfig, SchedulerKind};
+use crate::text::context::PromptContexts;
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+/// What a training run is given besides its config.
+#[derive(Debug, Clone)]
+pub struct TrainInputs {
+    pub config: PathBuf,
+    /// A directory with `train.tsv` and `validation.tsv` (what `medgen preprocess` writes).
+    pub data: PathBuf,
+    pub run: PathBuf,
+    pub resume: bool,
+    pub device: Device,
+    /// LDM/ControlNet: the trained AutoencoderKL (config, weights).
+    pub stage1: Option<(PathBuf, PathBuf)>,
+    /// ControlNet: the trained LDM UNet (config, weights).
+    pub ldm: Option<(PathBuf, PathBuf)>,
+    /// LDM/ControlNet with a conditioned UNet: a context file (`medgen encode-prompt`).
+    pub context: Option<PathBuf>,
+    /// Where `make setup` put the Python packages (the LPIPS lin heads are read from the lpips wheel).
+    pub venv: PathBuf,
+    /// Stop after this many optimiser steps (checkpoint written), as if interrupted.
+    pub max_steps: Option<u64>,
+}
+
+fn settings(cfg: &Value, path: &Path) -> Result<TrainSettings> {
+    match cfg.get("train") {
+        Some(t) => serde_json::from_value(t.clone()).with_context(|| format!("{}: invalid `train` section", path.display())),
+        None => Ok(TrainSettings::default()),
+    }
+}
+
+fn lists(data: &Path) -> Result<(Vec<crate::data::loader::PairRecord>, Vec<crate::data::loader::PairRecord>)> {
+    let train = read_list(&data.join("train.tsv"))?;
+    let val = read_list(&data.join("validation.tsv"))?;
+    ensure!(!train.is_empty(), "{}: the training list is empty", data.join("train.tsv").display());
+    Ok((train, val))
+}
+
+/// The state dict of a store, for a checkpoint part.
+fn store_dict(vs: &VarStore) -> StateDict {
+    let mut sd = StateDict::new();
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    for (k, v) in vars {
+        sd.insert(k, v.detach().copy());
+    }
+    sd
+}
+
+fn save_weights(vs: &VarStore, path: &Path, stage: &str, cfg_json: &str) -> Result<()> {
+    let mut meta = std::collections::BTreeMap::new();
+    meta.insert("medgen.model".to_string(), stage.to_string());
+    meta.insert("medgen.generation".to_string(), "monai".to_string());
+    meta.insert("medgen.train_config".to_string(), cfg_json.to_string());
+    store_dict(vs).save_safetensors(path, &meta)
+}
+
+/// The loop every stage runs: epochs of batches, a step function, validation every `eval_freq`
+/// epochs, checkpoints, interruption, resume.
+struct Looper<'a> {
+    run: RunDir,
+    settings: TrainSettings,
+    stage: &'static str,
+    cfg_json: String,
+    inputs: &'a TrainInputs,
+    state: TrainState,
+}
+
+impl<'a> Looper<'a> {
+    fn new(inputs: &'a TrainInputs, stage: &'static str, cfg: &Value) -> Result<Self> {
+        let run = RunDir::create(&inputs.run)?;
+        let settings = settings(cfg, &inputs.config)?;
+        let state = TrainState { stage: stage.to_string(), ..Default::default() };
+        Ok(Self { run, settings, stage, cfg_json: cfg.to_string(), inputs, state })
+    }
+
+    /// Loads the checkpoint when resuming; `None` on a fresh start.
+    fn resume(&mut self) -> Result<Option<Checkpoint>> {
+        let path = self.run.checkpoint();
+        if !self.inputs.resume {
+            if path.exists() {
+                bail!("{} exists: pass --resume to continue that run, or choose another --run", path.display());
+            }
+            return Ok(None);
+        }
+        if !path.exists() {
+            eprintln!("no checkpoint in {}: starting from scratch", self.run.root.display());
+            return Ok(None);
+        }
+        let ck = Checkpoint::load(&path)?;
+        ensure!(ck.state.stage == self.stage, "{} is a `{}` checkpoint, not `{}`", path.display(), ck.state.stage, self.stage);
+        ensure!(
+            ck.config == self.cfg_json,
+            "{}: the run's config changed since the checkpoint; resuming would not continue the same run",
+            path.display()
+        );
+        self.state = ck.state.clone();
+        self.run.truncate_log(self.state.step)?;
+        eprintln!("resuming {} at epoch {} step {}", self.stage, self.state.epoch, self.state.step);
+        Ok(Some(ck))
+    }
+
+    fn save(&self, parts: Vec<(&str, StateDict)>) -> Result<()> {
+        let mut ck = Checkpoint { state: self.state.clone(), config: self.cfg_json.clone(), ..Default::default() };
+        for (name, sd) in parts {
+            ck.parts.insert(name.to_string(), sd);
+        }
+        ck.save(&self.run.checkpoint())
+    }
+
+    fn log(&self, split: &str, values: Value) -> Result<()> {
+        let mut rec = json!({"stage": self.stage, "split": split, "epoch": self.state.epoch, "step": self.state.step});
+        if let (Some(r), Some(v)) = (rec.as_object_mut(), values.as_object()) {
+            r.extend(v.clone());
+        }
+        self.run.log(&rec)
+    }
+
+    /// The loss curves of the run so far, one series per logged quantity of each split.
+    fn plot(&self, keys: &[&str]) -> Result<()> {
+        let log = self.run.read_log()?;
+        let mut series = Vec::new();
+        for split in ["train", "val"] {
+            for k in keys {
+                let pts: Vec<(f64, f64)> = log
+                    .iter()
+                    .filter(|r| r["split"] == split)
+                    .filter_map(|r| Some((r["step"].as_f64()?, r[*k].as_f64()?)))
+                    .collect();
+                if !pts.is_empty() {
+                    series.push((format!("{split} {k}"), pts));
+                }
+            }
+        }
+        save_curves(&self.run.root.join("loss_curve.png"), &series)
+    }
+
+    fn bar(&self, n: u64) -> indicatif::ProgressBar {
+        let bar = indicatif::ProgressBar::new(n);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{prefix} {wide_bar} {pos}/{len} [{elapsed}<{eta}, {per_sec}] {msg}")
+                .expect("valid template"),
+        );
+        bar.set_prefix(format!("{} epoch {}", self.stage, self.state.epoch));
+        bar
+    }
+}
+
+/// Runs the epochs. `step` trains one batch and returns its logged losses and whether the run
+/// must stop (a NaN); `validate` returns the validation loss and writes the picture; `parts`
+/// snapshots the state for a checkpoint.
+#[allow(clippy::type_complexity)]
+fn run_epochs(
+    l: &mut Looper,
+    loader: &DataLoader,
+    step: &mut dyn FnMut(&Batch, u64) -> Result<Value>,
+    validate: &mut dyn FnMut(u64) -> Result<f64>,
+    parts: &dyn Fn() -> Vec<(&'static str, StateDict)>,
+    weights: &dyn Fn(&Path) -> Result<()>,
+    loss_keys: &[&str],
+) -> Result<()> {
+    let interrupted = interrupt_flag();
+    let per_epoch = loader.num_batches() as u64;
+    while l.state.epoch < l.settings.n_epochs {
+        let epoch = l.state.epoch;
+        let done_in_epoch = l.state.step - epoch * per_epoch;
+        let bar = l.bar(per_epoch);
+        bar.set_position(done_in_epoch);
+        for (i, batch) in loader.epoch(epoch).into_iter().enumerate() {
+            if (i as u64) < done_in_epoch {
+                continue; // trained before the checkpoint this run resumed from
+            }
+            let batch = batch?;
+            seed_step(l.settings.seed, l.state.step);
+            let losses = step(&batch, epoch)?;
+            l.state.step += 1;
+            l.log("train", losses.clone())?;
+            bar.set_message(format!("loss {:.4}", losses["loss"].as_f64().unwrap_or(f64::NAN)));
+            bar.inc(1);
+            check_finite("the training loss", losses["loss"].as_f64().unwrap_or(f64::NAN), l.state.step)?;
+            let stop = interrupted.load(Ordering::SeqCst) || l.inputs.max_steps.is_some_and(|m| l.state.step >= m);
+            if l.state.step % l.settings.checkpoint_every.max(1) == 0 || stop {
+                l.save(parts())?;
+            }
+            if stop {
+                bar.abandon_with_message("interrupted: checkpoint saved");
+                eprintln!("stopped at step {}; continue with --resume", l.state.step);
+                return Ok(());
+            }
+        }
+        bar.finish();
+        l.state.epoch += 1;
+        if l.state.epoch % l.settings.eval_freq.max(1) == 0 || l.state.epoch == l.settings.n_epochs {
+            let val = validate(l.state.epoch)?;
+            l.log("val", json!({"loss": val}))?;
+            if l.state.best_val_loss.is_none_or(|b| val <= b) {
+                l.state.best_val_loss = Some(val);
+                weights(&l.run.best())?;
+            }
+            l.plot(loss_keys)?;
+            eprintln!("{} epoch {}: validation loss {val:.5}", l.stage, l.state.epoch);
+        }
+        l.save(parts())?;
+    }
+    weights(&l.run.final_model())?;
+    l.plot(loss_keys)?;
+    Ok(())
+}
+
+fn train_loader(records: Vec<crate::data::loader::PairRecord>, s: &TrainSettings, augment: AugmentConfig, flair: bool, dropout: f64) -> Result<DataLoader> {
+    DataLoader::new(
+        records,
+        LoaderConfig {
+            batch_size: s.batch_size,
+            shuffle: true,
+            drop_last: false,
+            augment: Some(augment),
+            with_flair: flair,
+            context_dropout: dropout,
+            seed: s.seed,
+            prefetch: 2,
+        },
+    )
+}
+
+fn val_loader(records: Vec<crate::data::loader::PairRecord>, s: &TrainSettings, flair: bool) -> Result<Option<DataLoader>> {
+    if records.is_empty() {
+        return Ok(None);
+    }
+    let cfg = LoaderConfig { batch_size: s.batch_size, shuffle: false, with_flair: flair, seed: s.seed, ..Default::default() };
+    Ok(Some(DataLoader::new(records, cfg)?))
+}
+
+fn lr(cfg: &Value, section: &str, key: &str, path: &Path) -> Result<f64> {
+    cfg.get(section)
+        .and_then(|s| s.get(key))
+        .and_then(|v| v.as_f64())
+        .with_context(|| format!("{}: `{section}.{key}` is missing", path.display()))
+}
+
+/// The AutoencoderKL stage.
+pub fn train_aekl(inputs: &TrainInputs) -> Result<()> {
+    let cfg = read_json(&inputs.config)?;
+    let mut l = Looper::new(inputs, "aekl", &cfg)?;
+    let s = l.settings.clone();
+    let dev = inputs.device;
+    let ae_cfg = config::aekl_config(&inputs.config)?;
+    let w: AeklLossWeights = serde_json::from_value(cfg["stage1"].clone())
+        .with_context(|| format!("{}: stage1 needs perceptual_weight, kl_weight, adv_weight", inputs.config.display()))?;
+    let d_cfg: PatchDiscriminatorConfig = serde_json::from_value(model_params(&cfg, "discriminator"))
+        .with_context(|| format!("{}: invalid discriminator parameters", inputs.config.display()))?;
+    let perceptual = if w.perceptual_weight > 0.0 {
+        let p: PerceptualLossConfig = serde_json::from_value(model_params(&cfg, "perceptual_network"))
+            .with_context(|| format!("{}: invalid perceptual_network parameters", inputs.config.display()))?;
+        Some(PerceptualLoss::new(&p.with_wheel_lin_weights(&inputs.venv)?, dev)?)
+    } else {
+        None
+    };
+    tch::manual_seed(s.seed as i64);
+    let ae_vs = VarStore::new(dev);
+    let ae = AutoencoderKL::new(&ae_vs.root(), &ae_cfg, crate::checkpoint::Generation::Monai)?;
+    let d_vs = VarStore::new(dev);
+    let disc = PatchDiscriminator::new(&d_vs.root(), &d_cfg)?;
+    let mut opt_g = Adam::from_var_store(AdamConfig::adam(lr(&cfg, "stage1", "base_lr", &inputs.config)?), &ae_vs)?;
+    let mut opt_d = Adam::from_var_store(AdamConfig::adam(lr(&cfg, "stage1", "disc_lr", &inputs.config)?), &d_vs)?;
+    if let Some(ck) = l.resume()? {
+        load_strict(&ae_vs, ck.part("model.autoencoder")?)?;
+        load_strict(&d_vs, ck.part("model.discriminator")?)?;
+        opt_g.load_state(ck.part("optim.g")?, "optim")?;
+        opt_d.load_state(ck.part("optim.d")?, "optim")?;
+    }
+    let adversarial = PatchAdversarialLoss::reference();
+    let models = AeklModels { autoencoder: &ae, discriminator: &disc, perceptual: perceptual.as_ref(), adversarial: &adversarial };
+    let (train, val) = lists(&inputs.data)?;
+    let loader = train_loader(train, &s, AugmentConfig::autoencoder(), false, 0.0)?;
+    let val = val_loader(val, &s, false)?;
+    let latent_shape = |b: &Tensor| -> Vec<i64> {
+        let f = 1i64 << (ae_cfg.channels.len() - 1);
+        let sz = b.size();
+        vec![sz[0], ae_cfg.latent_channels, sz[2] / f, sz[3] / f]
+    };
+    let opts = std::cell::RefCell::new((opt_g, opt_d));
+    let mut step = |b: &Batch, epoch: u64| -> Result<Value> {
+        let images = b.t1w.to_device(dev);
+        let eps = Tensor::randn(latent_shape(&images), (Kind::Float, Device::Cpu)).to_device(dev);
+        let (g, d) = &mut *opts.borrow_mut();
+        let losses = aekl_step(&models, g, d, &images, &eps, &w, epoch >= s.adv_start)?;
+        Ok(serde_json::to_value(losses)?)
+    };
+    let run_root = l.run.root.clone();
+    let mut validate = |epoch: u64| -> Result<f64> {
+        let Some(v) = &val else { return Ok(f64::NAN) };
+        let (mut total, mut n) = (0.0, 0usize);
+        let mut last = None;
+        for (i, b) in v.epoch(0).into_iter().enumerate() {
+            let b = b?;
+            let images = b.t1w.to_device(dev);
+            seed_step(s.seed ^ 0x7A11, i as u64);
+            let eps = Tensor::randn(latent_shape(&images), (Kind::Float, Device::Cpu)).to_device(dev);
+            let losses = aekl_eval(&models, &images, &eps, &w)?;
+            total += losses.l1 * b.rows.len() as f64;
+            n += b.rows.len();
+            last = Some(images);
+        }
+        if let Some(images) = last {
+            let k = images.size()[0].min(4);
+            let x = images.narrow(0, 0, k);
+            let rec = tch::no_grad(|| ae.reconstruct(&x))?;
+            save_grid(&run_root.join(format!("reconstructions_epoch{epoch:04}.png")), &Tensor::cat(&[x, rec], 0), k)?;
+        }
+        Ok(total / n.max(1) as f64)
+    };
+    let parts = || -> Vec<(&'static str, StateDict)> {
+        let (g, d) = &*opts.borrow();
+        let (mut og, mut od) = (StateDict::new(), StateDict::new());
+        g.save_state(&mut og, "optim").expect("optimiser state");
+        d.save_state(&mut od, "optim").expect("optimiser state");
+        vec![("model.autoencoder", store_dict(&ae_vs)), ("model.discriminator", store_dict(&d_vs)), ("optim.g", og), ("optim.d", od)]
+    };
+    let cfg_json = l.cfg_json.clone();
+    let weights = |p: &Path| save_weights(&ae_vs, p, "aekl", &cfg_json);
+    run_epochs(&mut l, &loader, &mut step, &mut validate, &parts, &weights, &["loss", "l1", "p_loss", "d_loss"])
+}
+
+/// The trained autoencoder of a later stage, frozen.
+fn load_stage1(inputs: &TrainInputs) -> Result<crate::checkpoint::Loaded<AutoencoderKL>> {
+    let (cfg_path, weights) =
+        inputs.stage1.as_ref().context("this stage needs the trained AutoencoderKL: --stage1-config and --stage1-weights")?;
+    let cfg = config::aekl_config(cfg_path)?;
+    let mut l = load_model(StateDict::load(weights, None)?, inputs.device, |p, g| AutoencoderKL::new(p, &cfg, g))
+        .with_context(|| format!("{} does not fit {}", weights.display(), cfg_path.display()))?;
+    l.vs.freeze();
+    Ok(l)
+}
+
+/// The prompt contexts of a conditioned UNet: the first prompt for every sample, the null
+/// prompt where the loader drops it.
+fn contexts(inputs: &TrainInputs, cross_attention_dim: Option<i64>) -> Result<Option<PromptContexts>> {
+    match (cross_attention_dim, &inputs.context) {
+        (None, None) => Ok(None),
+        (None, Some(_)) => bail!("the UNet is unconditioned (with_conditioning false): it takes no --context"),
+        (Some(_), None) => bail!("the UNet is conditioned: give a context file (--context, from `medgen encode-prompt`)"),
+        (Some(d), Some(p)) => {
+            let c = PromptContexts::load(p, inputs.device)?;
+            ensure!(c.width() == d, "{}: context width {} but cross_attention_dim {d}", p.display(), c.width());
+            Ok(Some(c))
+        }
+    }
+}
+
+fn batch_context(c: &Option<PromptContexts>, drop: &[bool]) -> Option<Tensor> {
+    let c = c.as_ref()?;
+    let rows: Vec<Tensor> =
+        drop.iter().map(|&d| if d { c.null_context.get(0) } else { c.context.get(0) }).collect();
+    Some(Tensor::stack(&rows, 0))
+}
+
+/// 1/std of the encoded latents of up to 4 training batches (the MONAI tutorials' rule).
+fn compute_scale_factor(ae: &AutoencoderKL, loader: &DataLoader, seed: u64, dev: Device) -> Result<f64> {
+    let _guard = tch::no_grad_guard();
+    let mut zs = Vec::new();
+    for (i, b) in loader.epoch(0).into_iter().take(4).enumerate() {
+        seed_step(seed ^ 0x5CA1E, i as u64);
+        zs.push(ae.encode_stage_2_inputs(&b?.t1w.to_device(dev))?.flatten(0, -1));
+    }
+    let std = f64::try_from(Tensor::cat(&zs, 0).std(true))?;
+    ensure!(std > 0.0 && std.is_finite(), "the encoded latents have std {std}: cannot compute a scale factor");
+    Ok(1.0 / std)
+}
+
+/// The LDM stage (`control == false`) and the ControlNet stage.
+fn train_diffusion(inputs: &TrainInputs, controlnet_stage: bool) -> Result<()> {
+    let cfg = read_json(&inputs.config)?;
+    let stage = if controlnet_stage { "controlnet" } else { "ldm" };
+    let mut l = Looper::new(inputs, stage, &cfg)?;
+    let s = l.settings.clone();
+    let dev = inputs.device;
+    let ae = load_stage1(inputs)?;
+    let sched_cfg: SchedulerConfig = config::scheduler_config(&inputs.config, SchedulerKind::Ddpm)?;
+    let schedule = NoiseSchedule::from_config(&sched_cfg)?;
+    let prediction = sched_cfg.prediction_type;
+    tch::manual_seed(s.seed as i64);
+    // The UNet: trained here (LDM), or loaded from the LDM run and frozen (ControlNet).
+    let (unet_vs, unet, unet_cfg) = if controlnet_stage {
+        let (cp, wp) = inputs.ldm.as_ref().context("the ControlNet stage needs the trained LDM: --ldm-config and --ldm-weights")?;
+        let ucfg = config::unet_config(cp)?;
+        let mut loaded = load_model(StateDict::load(wp, None)?, dev, |p, g| DiffusionModelUNet::new(p, &ucfg, g))?;
+        loaded.vs.freeze();
+        (loaded.vs, loaded.model, ucfg)
+    } else {
+        let ucfg = config::unet_config(&inputs.config)?;
+        let vs = VarStore::new(dev);
+        let unet = DiffusionModelUNet::new(&vs.root(), &ucfg, crate::checkpoint::Generation::Monai)?;
+        (vs, unet, ucfg)
+    };
+    let cn = if controlnet_stage {
+        let ccfg = config::controlnet_config(&inputs.config)?;
+        ccfg.matches_unet(&unet_cfg)?;
+        let vs = VarStore::new(dev);
+        let net = ControlNet::new(&vs.root(), &ccfg, crate::checkpoint::Generation::Monai)?;
+        let (_, wp) = inputs.ldm.as_ref().expect("checked above");
+        let report = ControlNet::init_from_unet(&vs, StateDict::load(wp, None)?)?;
+        eprintln!("ControlNet initialised from the UNet: {} tensors copied, {} kept", report.copied.len(), report.missing.len());
+        Some((vs, net))
+    } else {
+        None
+    };
+    let trained_vs = cn.as_ref().map_or(&unet_vs, |c| &c.0);
+    let section = if controlnet_stage { "controlnet" } else { "ldm" };
+    let mut opt = Adam::from_var_store(AdamConfig::adamw(lr(&cfg, section, "base_lr", &inputs.config)?), trained_vs)?;
+    let ctx = contexts(inputs, unet_cfg.cross_attention_dim)?;
+    let (train, val) = lists(&inputs.data)?;
+    let dropout = if ctx.is_some() { s.context_dropout } else { 0.0 };
+    let loader = train_loader(train, &s, AugmentConfig::diffusion(), controlnet_stage, dropout)?;
+    let val = val_loader(val, &s, controlnet_stage)?;
+    let resumed = l.resume()?;
+    let scale_factor = match (&resumed, s.scale_factor) {
+        (Some(ck), _) => *ck.state.extra.get("scale_factor").context("the checkpoint lacks its scale_factor")?,
+        (None, Some(f)) => f,
+        (None, None) => compute_scale_factor(&ae.model, &loader, s.seed, dev)?,
+    };
+    l.state.extra.insert("scale_factor".to_string(), scale_factor);
+    eprintln!("{stage}: scale factor {scale_factor:.5}");
+    if let Some(ck) = &resumed {
+        load_strict(trained_vs, ck.part("model.trained")?)?;
+        opt.load_state(ck.part("optim")?, "optim")?;
+    }
+    let opt = std::cell::RefCell::new(opt);
+    let latent_of = |images: &Tensor| -> Result<Tensor> {
+        Ok(tch::no_grad(|| ae.model.encode_stage_2_inputs(images))? * scale_factor)
+    };
+    let loss_of = |b: &Batch, drop: &[bool]| -> Result<Tensor> {
+        let images = b.t1w.to_device(dev);
+        let latent = latent_of(&images)?;
+        let noise = Tensor::randn(latent.size(), (Kind::Float, Device::Cpu)).to_device(dev);
+        let t = Tensor::randint(schedule.num_train_timesteps(), [latent.size()[0]], (Kind::Int64, Device::Cpu)).to_device(dev);
+        let context = batch_context(&ctx, drop).map(|c| c.to_device(dev));
+        let flair = b.flair.as_ref().map(|f| f.to_device(dev));
+        let control = match (&cn, &flair) {
+            (Some((_, net)), Some(f)) => Some(ControlInput { controlnet: net, cond: f }),
+            _ => None,
+        };
+        diffusion_loss(&unet, control.as_ref(), &schedule, prediction, &latent, &noise, &t, context.as_ref())
+    };
+    let mut step = |b: &Batch, _epoch: u64| -> Result<Value> {
+        let mut o = opt.borrow_mut();
+        o.zero_grad();
+        let loss = loss_of(b, &b.drop_context)?;
+        loss.backward();
+        o.step()?;
+        Ok(json!({"loss": f64::try_from(&loss)?}))
+    };
+    let run_root = l.run.root.clone();
+    let mut validate = |epoch: u64| -> Result<f64> {
+        let Some(v) = &val else { return Ok(f64::NAN) };
+        let _guard = tch::no_grad_guard();
+        let (mut total, mut n) = (0.0, 0usize);
+        let mut first_flair = None;
+        for (i, b) in v.epoch(0).into_iter().enumerate() {
+            let b = b?;
+            seed_step(s.seed ^ 0x7A11, i as u64);
+            let no_drop = vec![false; b.rows.len()];
+            total += f64::try_from(loss_of(&b, &no_drop)?)? * b.rows.len() as f64;
+            n += b.rows.len();
+            if first_flair.is_none() {
+                first_flair = Some((b.t1w.shallow_clone(), b.flair.as_ref().map(|f| f.shallow_clone())));
+            }
+        }
+        // A few samples from the model (DDIM, no guidance), decoded: people look at these.
+        if let Some((t1w, flair)) = first_flair {
+            let k = t1w.size()[0].min(4);
+            let f = 1i64 << (ae.model.config().channels.len() - 1);
+            let shape = [k, ae.model.config().latent_channels, t1w.size()[2] / f, t1w.size()[3] / f];
+            seed_step(s.seed ^ 0x5A4, epoch);
+            let noise = Tensor::randn(shape, (Kind::Float, Device::Cpu)).to_device(dev);
+            let mut sched = schedulers::build(SchedulerKind::Ddim, &SchedulerConfig { clip_sample: Some(false), ..sched_cfg.clone() })?;
+            sched.set_timesteps(s.sample_steps.max(1))?;
+            let context = batch_context(&ctx, &vec![false; k as usize]).map(|c| c.to_device(dev));
+            let text = match &context {
+                Some(c) => TextConditioning::Context(c),
+                None => TextConditioning::None,
+            };
+            let flair_k = flair.map(|f| f.narrow(0, 0, k).to_device(dev));
+            let control = match (&cn, &flair_k) {
+                (Some((_, net)), Some(fl)) => Some(Control { controlnet: net, cond: fl, conditioning_scale: 1.0 }),
+                _ => None,
+            };
+            let latent = sample_latent(&unet, control.as_ref(), sched.as_mut(), &noise, &text, &mut |_, _| {})?;
+            let images = decode_latent(&ae.model, &latent, scale_factor)?;
+            let mut rows = vec![images.to_device(Device::Cpu)];
+            if let Some(fl) = flair_k {
+                rows.insert(0, fl.to_device(Device::Cpu));
+                rows.push(t1w.narrow(0, 0, k));
+            }
+            save_grid(&run_root.join(format!("samples_epoch{epoch:04}.png")), &Tensor::cat(&rows, 0), k)?;
+        }
+        Ok(total / n.max(1) as f64)
+    };
+    let parts = || -> Vec<(&'static str, StateDict)> {
+        let mut o = StateDict::new();
+        opt.borrow().save_state(&mut o, "optim").expect("optimiser state");
+        vec![("model.trained", store_dict(trained_vs)), ("optim", o)]
+    };
+    let cfg_json = l.cfg_json.clone();
+    let weights = |p: &Path| save_weights(trained_vs, p, stage, &cfg_json);
+    run_epochs(&mut l, &loader, &mut step, &mut validate, &parts, &weights, &["loss"])
+}
+
+pub fn train_ldm(inputs: &TrainInputs) -> Result<()> {
+    train_diffusion(inputs, false)
+}
+
+pub fn train_controlnet(inputs: &TrainInputs) -> Result<()> {
+    train_diffusion(inputs, true)
+}
