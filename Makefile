@@ -9,8 +9,11 @@ CLIP_VOCAB := $(CLIP_DIR)/bpe_simple_vocab_16e6.txt.gz
 NILEARN_WHEEL := $(VENV)/wheels/nilearn-0.14.1-py3-none-any.whl
 DATA := data
 SUBJECTS ?= 200
+CONFIGS ?= configs/demo
+RUNS ?= runs
+MEDGEN := ./target/release/medgen
 
-.PHONY: setup build fixtures test demo data clean-fixtures
+.PHONY: setup build fixtures test demo data train clean-fixtures
 
 setup: $(STAMP)
 
@@ -54,8 +57,17 @@ test: fixtures
 # The default data set: synthetic FLAIR/T1w volumes from real anatomy, then the reference slice
 # extraction and lists (data/png/{train,validation,test}.tsv).
 data: build
-	./target/release/medgen synth --nilearn-wheel $(NILEARN_WHEEL) --output $(DATA)/raw --subjects $(SUBJECTS) --seed 0
+	./target/release/medgen synth --nilearn-wheel $(NILEARN_WHEEL) --output $(DATA)/raw --subjects $(SUBJECTS) --seed 0 --resume
 	./target/release/medgen preprocess --input $(DATA)/raw --output $(DATA)/png --split 0.8,0.1 --resume
+
+# The three stages in order, each resumable (re-running continues or confirms a finished run).
+train: data
+	$(MEDGEN) train aekl --config $(CONFIGS)/aekl.json --data $(DATA)/png --run $(RUNS)/aekl --resume
+	$(MEDGEN) train ldm --config $(CONFIGS)/ldm.json --data $(DATA)/png --run $(RUNS)/ldm --resume \
+		--stage1-config $(CONFIGS)/aekl.json --stage1-weights $(RUNS)/aekl/final_model.safetensors
+	$(MEDGEN) train controlnet --config $(CONFIGS)/controlnet.json --data $(DATA)/png --run $(RUNS)/controlnet --resume \
+		--stage1-config $(CONFIGS)/aekl.json --stage1-weights $(RUNS)/aekl/final_model.safetensors \
+		--ldm-config $(CONFIGS)/ldm.json --ldm-weights $(RUNS)/ldm/final_model.safetensors
 
 demo: build
 	@echo "medgen demo: the end-to-end FLAIR->T1w job is not built yet (issues 5-7)."

@@ -146,7 +146,7 @@ fn bad_data_is_named() {
     image::RgbImage::new(4, 4).save(&records[1].t1w).unwrap();
     let e = format!("{:#}", load_png(&records[1].t1w).unwrap_err());
     assert!(e.contains("s1_T1w.png") && e.contains("8-bit grayscale"), "{e}");
-    std::fs::remove_file(&records[2].flair.clone().unwrap()).unwrap();
+    std::fs::remove_file(records[2].flair.clone().unwrap()).unwrap();
     let cfg = LoaderConfig { batch_size: 3, shuffle: false, with_flair: true, ..Default::default() };
     let r: Vec<_> = DataLoader::new(records, cfg).unwrap().epoch(0).into_iter().collect();
     let e = format!("{:#}", r.last().unwrap().as_ref().unwrap_err());

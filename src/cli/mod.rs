@@ -4,6 +4,7 @@ mod encode_prompt;
 mod forward;
 mod inspect;
 mod preprocess;
+mod synth;
 mod train;
 
 use crate::checkpoint::{load_model, Loaded, StateDict};
@@ -31,6 +32,8 @@ pub enum Command {
     EncodePrompt(encode_prompt::Args),
     /// Extract the reference 2D slices (PNG) and train/validation/test lists from T1w/FLAIR volumes.
     Preprocess(preprocess::Args),
+    /// Write the synthetic default data set (T1w/FLAIR volumes) built from real anatomy.
+    Synth(synth::Args),
     /// Train a stage: the AutoencoderKL, the LDM or the ControlNet.
     Train(train::Args),
 }
@@ -97,6 +100,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect(a) => inspect::run(a),
         Command::EncodePrompt(a) => encode_prompt::run(a),
         Command::Preprocess(a) => preprocess::run(a),
+        Command::Synth(a) => synth::run(a),
         Command::Train(a) => train::run(a),
     }
 }

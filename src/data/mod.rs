@@ -4,3 +4,4 @@ pub mod volume;
 pub mod augment;
 pub mod loader;
 pub mod preprocess;
+pub mod synth;

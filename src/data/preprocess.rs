@@ -417,7 +417,12 @@ pub fn find_files(root: &Path, suffixes: &[&str]) -> (Vec<PathBuf>, Vec<Skip>) {
             let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
             if is_dir {
                 stack.push(path);
-            } else if entry.file_name().to_str().is_some_and(|n| suffixes.iter().any(|s| n.ends_with(s))) {
+            } else if entry
+                .file_name()
+                .to_str()
+                // Hidden files are skipped: a killed writer's temporary `.tmp-…_T1w.nii.gz` is not a volume.
+                .is_some_and(|n| !n.starts_with('.') && suffixes.iter().any(|s| n.ends_with(s)))
+            {
                 found.push(path);
             }
         }

@@ -146,7 +146,9 @@ pub fn save_grid(path: &Path, images: &Tensor, cols: i64) -> Result<()> {
         }
     }
     let tmp = path.with_extension("png.tmp");
-    canvas.save_with_format(&tmp, image::ImageFormat::Png).with_context(|| format!("cannot write {}", tmp.display()))?;
+    canvas
+        .save_with_format(&tmp, image::ImageFormat::Png)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 

@@ -52,7 +52,9 @@ pub struct TrainInputs {
 
 fn settings(cfg: &Value, path: &Path) -> Result<TrainSettings> {
     match cfg.get("train") {
-        Some(t) => serde_json::from_value(t.clone()).with_context(|| format!("{}: invalid `train` section", path.display())),
+        Some(t) => {
+            serde_json::from_value(t.clone()).with_context(|| format!("{}: invalid `train` section", path.display()))
+        }
         None => Ok(TrainSettings::default()),
     }
 }
@@ -116,7 +118,13 @@ impl<'a> Looper<'a> {
             return Ok(None);
         }
         let ck = Checkpoint::load(&path)?;
-        ensure!(ck.state.stage == self.stage, "{} is a `{}` checkpoint, not `{}`", path.display(), ck.state.stage, self.stage);
+        ensure!(
+            ck.state.stage == self.stage,
+            "{} is a `{}` checkpoint, not `{}`",
+            path.display(),
+            ck.state.stage,
+            self.stage
+        );
         ensure!(
             ck.config == self.cfg_json,
             "{}: the run's config changed since the checkpoint; resuming would not continue the same run",
@@ -166,8 +174,10 @@ impl<'a> Looper<'a> {
     fn bar(&self, n: u64) -> indicatif::ProgressBar {
         let bar = indicatif::ProgressBar::new(n);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{prefix} {wide_bar} {pos}/{len} [{elapsed}<{eta}, {per_sec}] {msg}")
-                .expect("valid template"),
+            indicatif::ProgressStyle::with_template(
+                "{prefix} {wide_bar} {pos}/{len} [{elapsed}<{eta}, {per_sec}] {msg}",
+            )
+            .expect("valid template"),
         );
         bar.set_prefix(format!("{} epoch {}", self.stage, self.state.epoch));
         bar
@@ -207,7 +217,7 @@ fn run_epochs(
             bar.inc(1);
             check_finite("the training loss", losses["loss"].as_f64().unwrap_or(f64::NAN), l.state.step)?;
             let stop = interrupted.load(Ordering::SeqCst) || l.inputs.max_steps.is_some_and(|m| l.state.step >= m);
-            if l.state.step % l.settings.checkpoint_every.max(1) == 0 || stop {
+            if l.state.step.is_multiple_of(l.settings.checkpoint_every.max(1)) || stop {
                 l.save(parts())?;
             }
             if stop {
@@ -218,7 +228,7 @@ fn run_epochs(
         }
         bar.finish();
         l.state.epoch += 1;
-        if l.state.epoch % l.settings.eval_freq.max(1) == 0 || l.state.epoch == l.settings.n_epochs {
+        if l.state.epoch.is_multiple_of(l.settings.eval_freq.max(1)) || l.state.epoch == l.settings.n_epochs {
             let val = validate(l.state.epoch)?;
             l.log("val", json!({"loss": val}))?;
             if l.state.best_val_loss.is_none_or(|b| val <= b) {
@@ -235,7 +245,13 @@ fn run_epochs(
     Ok(())
 }
 
-fn train_loader(records: Vec<crate::data::loader::PairRecord>, s: &TrainSettings, augment: AugmentConfig, flair: bool, dropout: f64) -> Result<DataLoader> {
+fn train_loader(
+    records: Vec<crate::data::loader::PairRecord>,
+    s: &TrainSettings,
+    augment: AugmentConfig,
+    flair: bool,
+    dropout: f64,
+) -> Result<DataLoader> {
     DataLoader::new(
         records,
         LoaderConfig {
@@ -251,11 +267,21 @@ fn train_loader(records: Vec<crate::data::loader::PairRecord>, s: &TrainSettings
     )
 }
 
-fn val_loader(records: Vec<crate::data::loader::PairRecord>, s: &TrainSettings, flair: bool) -> Result<Option<DataLoader>> {
+fn val_loader(
+    records: Vec<crate::data::loader::PairRecord>,
+    s: &TrainSettings,
+    flair: bool,
+) -> Result<Option<DataLoader>> {
     if records.is_empty() {
         return Ok(None);
     }
-    let cfg = LoaderConfig { batch_size: s.batch_size, shuffle: false, with_flair: flair, seed: s.seed, ..Default::default() };
+    let cfg = LoaderConfig {
+        batch_size: s.batch_size,
+        shuffle: false,
+        with_flair: flair,
+        seed: s.seed,
+        ..Default::default()
+    };
     Ok(Some(DataLoader::new(records, cfg)?))
 }
 
@@ -273,8 +299,9 @@ pub fn train_aekl(inputs: &TrainInputs) -> Result<()> {
     let s = l.settings.clone();
     let dev = inputs.device;
     let ae_cfg = config::aekl_config(&inputs.config)?;
-    let w: AeklLossWeights = serde_json::from_value(cfg["stage1"].clone())
-        .with_context(|| format!("{}: stage1 needs perceptual_weight, kl_weight, adv_weight", inputs.config.display()))?;
+    let w: AeklLossWeights = serde_json::from_value(cfg["stage1"].clone()).with_context(|| {
+        format!("{}: stage1 needs perceptual_weight, kl_weight, adv_weight", inputs.config.display())
+    })?;
     let d_cfg: PatchDiscriminatorConfig = serde_json::from_value(model_params(&cfg, "discriminator"))
         .with_context(|| format!("{}: invalid discriminator parameters", inputs.config.display()))?;
     let perceptual = if w.perceptual_weight > 0.0 {
@@ -298,7 +325,12 @@ pub fn train_aekl(inputs: &TrainInputs) -> Result<()> {
         opt_d.load_state(ck.part("optim.d")?, "optim")?;
     }
     let adversarial = PatchAdversarialLoss::reference();
-    let models = AeklModels { autoencoder: &ae, discriminator: &disc, perceptual: perceptual.as_ref(), adversarial: &adversarial };
+    let models = AeklModels {
+        autoencoder: &ae,
+        discriminator: &disc,
+        perceptual: perceptual.as_ref(),
+        adversarial: &adversarial,
+    };
     let (train, val) = lists(&inputs.data)?;
     let loader = train_loader(train, &s, AugmentConfig::autoencoder(), false, 0.0)?;
     let val = val_loader(val, &s, false)?;
@@ -343,7 +375,12 @@ pub fn train_aekl(inputs: &TrainInputs) -> Result<()> {
         let (mut og, mut od) = (StateDict::new(), StateDict::new());
         g.save_state(&mut og, "optim").expect("optimiser state");
         d.save_state(&mut od, "optim").expect("optimiser state");
-        vec![("model.autoencoder", store_dict(&ae_vs)), ("model.discriminator", store_dict(&d_vs)), ("optim.g", og), ("optim.d", od)]
+        vec![
+            ("model.autoencoder", store_dict(&ae_vs)),
+            ("model.discriminator", store_dict(&d_vs)),
+            ("optim.g", og),
+            ("optim.d", od),
+        ]
     };
     let cfg_json = l.cfg_json.clone();
     let weights = |p: &Path| save_weights(&ae_vs, p, "aekl", &cfg_json);
@@ -352,8 +389,10 @@ pub fn train_aekl(inputs: &TrainInputs) -> Result<()> {
 
 /// The trained autoencoder of a later stage, frozen.
 fn load_stage1(inputs: &TrainInputs) -> Result<crate::checkpoint::Loaded<AutoencoderKL>> {
-    let (cfg_path, weights) =
-        inputs.stage1.as_ref().context("this stage needs the trained AutoencoderKL: --stage1-config and --stage1-weights")?;
+    let (cfg_path, weights) = inputs
+        .stage1
+        .as_ref()
+        .context("this stage needs the trained AutoencoderKL: --stage1-config and --stage1-weights")?;
     let cfg = config::aekl_config(cfg_path)?;
     let mut l = load_model(StateDict::load(weights, None)?, inputs.device, |p, g| AutoencoderKL::new(p, &cfg, g))
         .with_context(|| format!("{} does not fit {}", weights.display(), cfg_path.display()))?;
@@ -367,7 +406,9 @@ fn contexts(inputs: &TrainInputs, cross_attention_dim: Option<i64>) -> Result<Op
     match (cross_attention_dim, &inputs.context) {
         (None, None) => Ok(None),
         (None, Some(_)) => bail!("the UNet is unconditioned (with_conditioning false): it takes no --context"),
-        (Some(_), None) => bail!("the UNet is conditioned: give a context file (--context, from `medgen encode-prompt`)"),
+        (Some(_), None) => {
+            bail!("the UNet is conditioned: give a context file (--context, from `medgen encode-prompt`)")
+        }
         (Some(d), Some(p)) => {
             let c = PromptContexts::load(p, inputs.device)?;
             ensure!(c.width() == d, "{}: context width {} but cross_attention_dim {d}", p.display(), c.width());
@@ -378,8 +419,7 @@ fn contexts(inputs: &TrainInputs, cross_attention_dim: Option<i64>) -> Result<Op
 
 fn batch_context(c: &Option<PromptContexts>, drop: &[bool]) -> Option<Tensor> {
     let c = c.as_ref()?;
-    let rows: Vec<Tensor> =
-        drop.iter().map(|&d| if d { c.null_context.get(0) } else { c.context.get(0) }).collect();
+    let rows: Vec<Tensor> = drop.iter().map(|&d| if d { c.null_context.get(0) } else { c.context.get(0) }).collect();
     Some(Tensor::stack(&rows, 0))
 }
 
@@ -410,7 +450,10 @@ fn train_diffusion(inputs: &TrainInputs, controlnet_stage: bool) -> Result<()> {
     tch::manual_seed(s.seed as i64);
     // The UNet: trained here (LDM), or loaded from the LDM run and frozen (ControlNet).
     let (unet_vs, unet, unet_cfg) = if controlnet_stage {
-        let (cp, wp) = inputs.ldm.as_ref().context("the ControlNet stage needs the trained LDM: --ldm-config and --ldm-weights")?;
+        let (cp, wp) = inputs
+            .ldm
+            .as_ref()
+            .context("the ControlNet stage needs the trained LDM: --ldm-config and --ldm-weights")?;
         let ucfg = config::unet_config(cp)?;
         let mut loaded = load_model(StateDict::load(wp, None)?, dev, |p, g| DiffusionModelUNet::new(p, &ucfg, g))?;
         loaded.vs.freeze();
@@ -428,7 +471,11 @@ fn train_diffusion(inputs: &TrainInputs, controlnet_stage: bool) -> Result<()> {
         let net = ControlNet::new(&vs.root(), &ccfg, crate::checkpoint::Generation::Monai)?;
         let (_, wp) = inputs.ldm.as_ref().expect("checked above");
         let report = ControlNet::init_from_unet(&vs, StateDict::load(wp, None)?)?;
-        eprintln!("ControlNet initialised from the UNet: {} tensors copied, {} kept", report.copied.len(), report.missing.len());
+        eprintln!(
+            "ControlNet initialised from the UNet: {} tensors copied, {} kept",
+            report.copied.len(),
+            report.missing.len()
+        );
         Some((vs, net))
     } else {
         None
@@ -461,7 +508,8 @@ fn train_diffusion(inputs: &TrainInputs, controlnet_stage: bool) -> Result<()> {
         let images = b.t1w.to_device(dev);
         let latent = latent_of(&images)?;
         let noise = Tensor::randn(latent.size(), (Kind::Float, Device::Cpu)).to_device(dev);
-        let t = Tensor::randint(schedule.num_train_timesteps(), [latent.size()[0]], (Kind::Int64, Device::Cpu)).to_device(dev);
+        let t = Tensor::randint(schedule.num_train_timesteps(), [latent.size()[0]], (Kind::Int64, Device::Cpu))
+            .to_device(dev);
         let context = batch_context(&ctx, drop).map(|c| c.to_device(dev));
         let flair = b.flair.as_ref().map(|f| f.to_device(dev));
         let control = match (&cn, &flair) {
@@ -501,7 +549,10 @@ fn train_diffusion(inputs: &TrainInputs, controlnet_stage: bool) -> Result<()> {
             let shape = [k, ae.model.config().latent_channels, t1w.size()[2] / f, t1w.size()[3] / f];
             seed_step(s.seed ^ 0x5A4, epoch);
             let noise = Tensor::randn(shape, (Kind::Float, Device::Cpu)).to_device(dev);
-            let mut sched = schedulers::build(SchedulerKind::Ddim, &SchedulerConfig { clip_sample: Some(false), ..sched_cfg.clone() })?;
+            let mut sched = schedulers::build(
+                SchedulerKind::Ddim,
+                &SchedulerConfig { clip_sample: Some(false), ..sched_cfg.clone() },
+            )?;
             sched.set_timesteps(s.sample_steps.max(1))?;
             let context = batch_context(&ctx, &vec![false; k as usize]).map(|c| c.to_device(dev));
             let text = match &context {
