@@ -1,4 +1,4 @@
-"""AutoencoderKL training-step parity fixtures: 4 steps of the reference stage-1 loop (reference-repo.md §3.5: the G step
+"""AutoencoderKL training-step parity fixtures: 5 steps of the reference stage-1 loop (reference-repo.md §3.5: the G step
 with L1 + KL + perceptual (LPIPS squeeze) + adversarial, clip 1, Adam; then the D step with the least-squares patch
 loss, clip 1, Adam) with MONAI 1.6.1 networks, AMP off, fp32, one thread. The posterior noise of each step is saved,
 so the Rust side draws nothing. The LPIPS backbone is random (no ImageNet weights ship offline); its lin heads are the
@@ -22,7 +22,7 @@ AEKL = dict(spatial_dims=2, in_channels=1, out_channels=1, channels=[8, 16], lat
             with_decoder_nonlocal_attn=False)
 DISC = dict(spatial_dims=2, num_layers_d=2, channels=8, in_channels=1, out_channels=1)
 WEIGHTS = dict(perceptual_weight=0.2, kl_weight=1e-3, adv_weight=0.05)
-LR_G, LR_D, STEPS = 1e-3, 5e-3, 4
+LR_G, LR_D, STEPS = 1e-3, 5e-3, 5
 
 
 def main():

@@ -1,4 +1,4 @@
-//! AutoencoderKL stage parity: 4 steps of the reference generator + discriminator loop (perceptual
+//! AutoencoderKL stage parity: 5 steps of the reference generator + discriminator loop (perceptual
 //! LPIPS with a random squeeze backbone and the wheel's lin heads; adversarial loss from step 1)
 //! against MONAI (tests/gen_train_aekl_fixtures.py): the logged losses and every weight and
 //! BatchNorm statistic afterwards.
@@ -95,6 +95,6 @@ fn aekl_stage_steps_match_monai() {
             assert!((g - wv).abs() <= 1e-5 * wv.abs().max(1e-6), "step {s} {name}: {g} vs {wv}");
         }
     }
-    compare("AutoencoderKL after 4 steps", &ae.vs, &load("aekl_after.pt"));
-    compare("PatchDiscriminator after 4 steps (BatchNorm statistics included)", &d_vs, &load("disc_after.pt"));
+    compare("AutoencoderKL after 5 steps", &ae.vs, &load("aekl_after.pt"));
+    compare("PatchDiscriminator after 5 steps (BatchNorm statistics included)", &d_vs, &load("disc_after.pt"));
 }
