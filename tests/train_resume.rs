@@ -122,6 +122,9 @@ fn every_stage_resumes_exactly() {
     ok(train("controlnet", &cn, d, &runs.join("cn_r"), &[&both[..], &["--max-steps", "5"]].concat()));
     ok(train("controlnet", &cn, d, &runs.join("cn_r"), &[&both[..], &["--resume"]].concat()));
     assert!(final_weights(&runs.join("cn")) == final_weights(&runs.join("cn_r")), "controlnet: resumed != straight");
+    // The ControlNet stage works in the LDM's latent space: the same scale factor, recorded in both weight files.
+    let sf = |run: &str| final_weights(&runs.join(run)).0.metadata.get("medgen.scale_factor").cloned();
+    assert!(sf("ldm").is_some() && sf("ldm") == sf("cn"), "scale factors {:?} vs {:?}", sf("ldm"), sf("cn"));
     // The ControlNet stage left the UNet it started from alone (it is a separate file) and trained its own.
     assert!(final_weights(&runs.join("cn")) != final_weights(&runs.join("ldm")));
 }

@@ -77,8 +77,15 @@ fn store_dict(vs: &VarStore) -> StateDict {
     sd
 }
 
-fn save_weights(vs: &VarStore, path: &Path, stage: &str, cfg_json: &str) -> Result<()> {
+/// Safetensors metadata key of the latent scale factor an LDM was trained with: the ControlNet
+/// stage and sampling must use the same one.
+pub const META_SCALE_FACTOR: &str = "medgen.scale_factor";
+
+fn save_weights(vs: &VarStore, path: &Path, stage: &str, cfg_json: &str, scale_factor: Option<f64>) -> Result<()> {
     let mut meta = std::collections::BTreeMap::new();
+    if let Some(f) = scale_factor {
+        meta.insert(META_SCALE_FACTOR.to_string(), format!("{f:?}"));
+    }
     meta.insert("medgen.model".to_string(), stage.to_string());
     meta.insert("medgen.generation".to_string(), "monai".to_string());
     meta.insert("medgen.train_config".to_string(), cfg_json.to_string());
@@ -383,7 +390,7 @@ pub fn train_aekl(inputs: &TrainInputs) -> Result<()> {
         ]
     };
     let cfg_json = l.cfg_json.clone();
-    let weights = |p: &Path| save_weights(&ae_vs, p, "aekl", &cfg_json);
+    let weights = |p: &Path| save_weights(&ae_vs, p, "aekl", &cfg_json, None);
     run_epochs(&mut l, &loader, &mut step, &mut validate, &parts, &weights, &["loss", "l1", "p_loss", "d_loss"])
 }
 
@@ -489,10 +496,22 @@ fn train_diffusion(inputs: &TrainInputs, controlnet_stage: bool) -> Result<()> {
     let loader = train_loader(train, &s, AugmentConfig::diffusion(), controlnet_stage, dropout)?;
     let val = val_loader(val, &s, controlnet_stage)?;
     let resumed = l.resume()?;
-    let scale_factor = match (&resumed, s.scale_factor) {
-        (Some(ck), _) => *ck.state.extra.get("scale_factor").context("the checkpoint lacks its scale_factor")?,
-        (None, Some(f)) => f,
-        (None, None) => compute_scale_factor(&ae.model, &loader, s.seed, dev)?,
+    // The ControlNet works in the trained LDM's latent space: its scale factor, recorded in the LDM's weights.
+    let ldm_scale_factor = match (&inputs.ldm, controlnet_stage) {
+        (Some((_, wp)), true) => StateDict::load(wp, None)?
+            .metadata
+            .get(META_SCALE_FACTOR)
+            .map(|v| v.parse::<f64>().with_context(|| format!("{}: bad {META_SCALE_FACTOR} {v:?}", wp.display())))
+            .transpose()?,
+        _ => None,
+    };
+    let scale_factor = match (&resumed, s.scale_factor, ldm_scale_factor) {
+        (Some(ck), _, _) => *ck.state.extra.get("scale_factor").context("the checkpoint lacks its scale_factor")?,
+        (None, Some(f), Some(g)) if f != g => {
+            bail!("the config's scale_factor {f} differs from the one the LDM was trained with ({g})")
+        }
+        (None, Some(f), _) | (None, None, Some(f)) => f,
+        (None, None, None) => compute_scale_factor(&ae.model, &loader, s.seed, dev)?,
     };
     l.state.extra.insert("scale_factor".to_string(), scale_factor);
     eprintln!("{stage}: scale factor {scale_factor:.5}");
@@ -581,7 +600,7 @@ fn train_diffusion(inputs: &TrainInputs, controlnet_stage: bool) -> Result<()> {
         vec![("model.trained", store_dict(trained_vs)), ("optim", o)]
     };
     let cfg_json = l.cfg_json.clone();
-    let weights = |p: &Path| save_weights(trained_vs, p, stage, &cfg_json);
+    let weights = |p: &Path| save_weights(trained_vs, p, stage, &cfg_json, Some(scale_factor));
     run_epochs(&mut l, &loader, &mut step, &mut validate, &parts, &weights, &["loss"])
 }
 
