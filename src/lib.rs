@@ -1,5 +1,6 @@
 //! medgen: MONAI Generative Models (AutoencoderKL, latent diffusion, ControlNet) on libtorch,
 //! with numerical parity against the PyTorch originals.
+pub mod amp;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
@@ -11,3 +12,4 @@ pub mod text;
 pub mod data;
 pub mod losses;
 pub mod train;
+pub mod metrics;

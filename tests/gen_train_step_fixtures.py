@@ -1,7 +1,7 @@
 """Training-step parity fixtures: 5 optimiser steps of the LDM objective and of the ControlNet objective
 (reference-repo.md §3.6-3.7: v-prediction MSE, AdamW, UNet frozen for the ControlNet) with MONAI 1.6.1, from saved
 initial weights and saved per-step draws (latents, noise, timesteps, contexts). The Rust test `train_step` replays
-them. AMP off, fp32, one thread.
+them. fp32 and one thread; the LDM also under CPU autocast (bf16, and fp16 with a GradScaler).
 """
 import argparse
 import json
@@ -53,18 +53,32 @@ def main():
         target = scheduler.get_velocity(draws[f"latent.{s}"], draws[f"noise.{s}"], draws[f"timesteps.{s}"])
         return F.mse_loss(model_out.float(), target.float())
 
-    # LDM: the UNet trains.
-    unet.train()
-    opt = torch.optim.AdamW(unet.parameters(), lr=LR)
-    for s in range(STEPS):
-        opt.zero_grad(set_to_none=True)
-        t = draws[f"timesteps.{s}"]
-        noisy = scheduler.add_noise(original_samples=draws[f"latent.{s}"], noise=draws[f"noise.{s}"], timesteps=t)
-        loss = loss_of(unet(x=noisy, timesteps=t, context=draws[f"context.{s}"]), s)
-        loss.backward()
-        opt.step()
-        losses["ldm"].append(loss.item())
-    torch.save(unet.state_dict(), os.path.join(args.out, "unet_after.pt"))
+    # LDM: the UNet trains, in fp32, then again from the same start under CPU autocast: bfloat16, and float16 with
+    # the reference's GradScaler (PyTorch defaults).
+    def train_ldm(precision):
+        unet.load_state_dict(torch.load(os.path.join(args.out, "unet_init.pt")))
+        unet.train()
+        opt = torch.optim.AdamW(unet.parameters(), lr=LR)
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
+        out = []
+        for s in range(STEPS):
+            opt.zero_grad(set_to_none=True)
+            t = draws[f"timesteps.{s}"]
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                noisy = scheduler.add_noise(original_samples=draws[f"latent.{s}"], noise=draws[f"noise.{s}"],
+                                            timesteps=t)
+                loss = loss_of(unet(x=noisy, timesteps=t, context=draws[f"context.{s}"]), s)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            out.append(loss.item())
+        suffix = "" if precision == "fp32" else f"_{precision}"
+        torch.save(unet.state_dict(), os.path.join(args.out, f"unet_after{suffix}.pt"))
+        return out
+
+    for precision in ("bf16", "fp16", "fp32"):
+        losses["ldm" if precision == "fp32" else f"ldm_{precision}"] = train_ldm(precision)
 
     # ControlNet: from the initial UNet, frozen; the ControlNet trains.
     unet.load_state_dict(torch.load(os.path.join(args.out, "unet_init.pt")))

@@ -11,7 +11,9 @@ use medgen::losses::perceptual::PerceptualLoss;
 use medgen::nets::lpips::{Lpips, LpipsNet};
 use medgen::nets::patch_discriminator::{PatchDiscriminator, PatchDiscriminatorConfig};
 use medgen::nets::{AutoencoderKL, AutoencoderKLConfig};
-use medgen::train::aekl::{aekl_step, AeklLossWeights, AeklModels};
+use medgen::amp::Precision;
+use medgen::train::aekl::{aekl_step, AeklLossWeights, AeklModels, AeklOptimizers};
+use medgen::train::grad_scaler::GradScaler;
 use medgen::train::optim::{Adam, AdamConfig};
 use serde_json::Value;
 use std::path::Path;
@@ -71,17 +73,23 @@ fn aekl_stage_steps_match_monai() {
         adversarial: &adversarial,
     };
     let w: AeklLossWeights = serde_json::from_value(m["weights"].clone()).unwrap();
-    let mut opt_g =
+    let opt_g =
         Adam::new(AdamConfig::adam(m["lr_g"].as_f64().unwrap()), params_in_order(&ae.vs, &m["aekl_param_order"]))
             .unwrap();
-    let mut opt_d =
+    let opt_d =
         Adam::new(AdamConfig::adam(m["lr_d"].as_f64().unwrap()), params_in_order(&d_vs, &m["disc_param_order"]))
             .unwrap();
+    let mut opts = AeklOptimizers {
+        g: opt_g,
+        d: opt_d,
+        scaler_g: GradScaler::for_precision(Precision::Fp32).unwrap(),
+        scaler_d: GradScaler::for_precision(Precision::Fp32).unwrap(),
+    };
     let draws = load("draws.safetensors");
     for (s, want) in m["losses"].as_array().unwrap().iter().enumerate() {
         let d = |k: &str| draws.get(&format!("{k}.{s}")).unwrap().shallow_clone();
         let adv = want["adversarial"].as_bool().unwrap();
-        let got = aekl_step(&models, &mut opt_g, &mut opt_d, &d("images"), &d("eps"), &w, adv).unwrap();
+        let got = aekl_step(&models, &mut opts, Precision::Fp32, &d("images"), &d("eps"), &w, adv).unwrap();
         for (name, g) in [
             ("loss", got.loss),
             ("l1", got.l1),

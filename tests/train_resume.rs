@@ -161,3 +161,62 @@ fn a_run_killed_with_sigkill_resumes_exactly() {
     println!("{}", msg.lines().filter(|l| l.contains("resuming")).collect::<Vec<_>>().join("\n"));
     assert!(final_weights(&runs.join("straight")) == final_weights(&killed), "killed + resumed != straight");
 }
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_the_run_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    data(d);
+    let [aekl, ..] = configs(d, 25);
+    let runs = d.join("runs");
+    ok(train("aekl", &aekl, d, &runs.join("straight"), &[]));
+    let run = runs.join("interrupted");
+    let child = Command::new(env!("CARGO_BIN_EXE_medgen"))
+        .args(["train", "aekl", "--config", s(&aekl), "--data", s(d), "--run", s(&run)])
+        .env("OMP_NUM_THREADS", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !run.join("checkpoint.safetensors").exists() {
+        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let sent = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(sent.success(), "could not send SIGINT");
+    let out = child.wait_with_output().unwrap();
+    let msg = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "Ctrl-C must exit cleanly, got {:?}:\n{msg}", out.status);
+    assert!(msg.contains("stopped at step"), "no stop message:\n{msg}");
+    assert!(!run.join("final_model.safetensors").exists(), "interrupted too late to test anything");
+    let msg = ok(train("aekl", &aekl, d, &run, &["--resume"]));
+    println!("{}", msg.lines().filter(|l| l.contains("resuming")).collect::<Vec<_>>().join("\n"));
+    assert!(final_weights(&runs.join("straight")) == final_weights(&run), "interrupted + resumed != straight");
+}
+
+#[test]
+fn a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    data(d);
+    let [aekl, ..] = configs(d, 3);
+    // A learning rate that blows the weights up: the next forward overflows to inf/NaN.
+    let blown = std::fs::read_to_string(&aekl).unwrap().replace(r#""base_lr": 0.001"#, r#""base_lr": 1e36"#);
+    std::fs::write(&aekl, blown).unwrap();
+    let run = d.join("runs/nan");
+    let o = train("aekl", &aekl, d, &run, &[]);
+    let msg = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(!o.status.success(), "a NaN run must fail:\n{msg}");
+    assert!(msg.contains("stopping; the last checkpoint is kept"), "{msg}");
+    assert!(!run.join("final_model.safetensors").exists());
+    let ck = StateDict::load(&run.join("checkpoint.safetensors"), None).expect("the last checkpoint loads");
+    for (k, t) in ck.iter() {
+        if t.is_floating_point() {
+            assert!(bool::try_from(t.isfinite().all()).unwrap(), "checkpoint tensor {k} is not finite");
+        }
+    }
+    println!("{}", msg.lines().filter(|l| l.contains("stopping")).collect::<Vec<_>>().join("\n"));
+}

@@ -1,12 +1,15 @@
 //! Training-step parity: 5 AdamW steps of the LDM objective and of the ControlNet objective (UNet
-//! frozen) from the same initial weights and draws as MONAI (tests/gen_train_step_fixtures.py).
+//! frozen) from the same initial weights and draws as MONAI (tests/gen_train_step_fixtures.py); the
+//! LDM's also under CPU autocast (bf16, and fp16 with the dynamic loss scaler) against `torch.autocast`.
 mod common;
 
 use common::{fixtures, max_abs, max_abs_diff};
 use medgen::checkpoint::{load_model, Generation, StateDict};
 use medgen::nets::{ControlNet, ControlNetConfig, DiffusionModelUNet, DiffusionModelUNetConfig};
 use medgen::schedulers::{NoiseSchedule, PredictionType, SchedulerConfig};
-use medgen::train::diffusion::{diffusion_loss, ControlInput};
+use medgen::amp::Precision;
+use medgen::train::diffusion::{diffusion_loss, diffusion_step, ControlInput};
+use medgen::train::grad_scaler::GradScaler;
 use medgen::train::optim::{Adam, AdamConfig};
 use serde_json::Value;
 use tch::Device;
@@ -46,31 +49,38 @@ fn ldm_and_controlnet_steps_match_monai() {
         m["losses"][stage].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect()
     };
 
-    // LDM: the UNet trains.
-    let unet = load_model(load("unet_init.pt"), Device::Cpu, |p, g| DiffusionModelUNet::new(p, &unet_cfg, g)).unwrap();
-    assert_eq!(unet.generation, Generation::Monai);
-    let mut opt = Adam::from_var_store(AdamConfig::adamw(lr), &unet.vs).unwrap();
-    for (s, want) in want_losses("ldm").into_iter().enumerate().take(steps) {
-        opt.zero_grad();
-        let ctx = d("context", s);
-        let loss = diffusion_loss(
-            &unet.model,
-            None,
-            &schedule,
-            PredictionType::VPrediction,
-            &d("latent", s),
-            &d("noise", s),
-            &d("timesteps", s),
-            Some(&ctx),
-        )
-        .unwrap();
-        loss.backward();
-        opt.step().unwrap();
-        let got = f64::try_from(&loss).unwrap();
-        println!("ldm step {s}: loss {got:.7} (MONAI {want:.7})");
-        assert!((got - want).abs() <= 1e-5 * want.abs(), "ldm step {s}: loss {got} vs {want}");
+    // LDM: the UNet trains, in fp32 and under CPU autocast (bf16; fp16 with the loss scaler).
+    for (precision, key, after) in [
+        (Precision::Fp32, "ldm", "unet_after.pt"),
+        (Precision::Bf16, "ldm_bf16", "unet_after_bf16.pt"),
+        (Precision::Fp16, "ldm_fp16", "unet_after_fp16.pt"),
+    ] {
+        let unet =
+            load_model(load("unet_init.pt"), Device::Cpu, |p, g| DiffusionModelUNet::new(p, &unet_cfg, g)).unwrap();
+        assert_eq!(unet.generation, Generation::Monai);
+        let mut opt = Adam::from_var_store(AdamConfig::adamw(lr), &unet.vs).unwrap();
+        let mut scaler = GradScaler::for_precision(precision).unwrap();
+        for (s, want) in want_losses(key).into_iter().enumerate().take(steps) {
+            let ctx = d("context", s);
+            let loss = diffusion_step(&mut opt, &mut scaler, precision, Device::Cpu, || {
+                diffusion_loss(
+                    &unet.model,
+                    None,
+                    &schedule,
+                    PredictionType::VPrediction,
+                    &d("latent", s),
+                    &d("noise", s),
+                    &d("timesteps", s),
+                    Some(&ctx),
+                )
+            })
+            .unwrap();
+            let got = f64::try_from(&loss).unwrap();
+            println!("{key} step {s}: loss {got:.7} (PyTorch {want:.7})");
+            assert!((got - want).abs() <= 1e-5 * want.abs(), "{key} step {s}: loss {got} vs {want}");
+        }
+        compare(&format!("LDM UNet after 5 steps ({precision:?})"), &unet.vs, &load(after));
     }
-    compare("LDM UNet after 5 steps", &unet.vs, &load("unet_after.pt"));
 
     // ControlNet: initialised from the UNet, which is frozen.
     let mut frozen =

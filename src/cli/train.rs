@@ -1,3 +1,4 @@
+use crate::amp::Precision;
 use crate::device;
 use crate::train::stages::{train_aekl, train_controlnet, train_ldm, TrainInputs};
 use anyhow::Result;
@@ -49,18 +50,25 @@ pub struct Args {
     /// The Python environment `make setup` made (LPIPS lin heads are read from its lpips package).
     #[arg(long, default_value = ".venv")]
     venv: PathBuf,
+    /// Precision of the forward passes: fp32, fp16 (autocast + dynamic loss scaling, the
+    /// reference's GPU setting) or bf16 (autocast). Default: fp16 on CUDA, fp32 on the CPU.
+    #[arg(long, value_enum)]
+    precision: Option<Precision>,
     /// Stop after this many optimiser steps, with a checkpoint (as an interruption would).
     #[arg(long)]
     max_steps: Option<u64>,
 }
 
 pub fn run(a: Args) -> Result<()> {
+    let device = device::parse(&a.device)?;
+    let precision = a.precision.unwrap_or(if device.is_cuda() { Precision::Fp16 } else { Precision::Fp32 });
     let inputs = TrainInputs {
         config: a.config,
         data: a.data,
         run: a.run,
         resume: a.resume,
-        device: device::parse(&a.device)?,
+        device,
+        precision,
         stage1: a.stage1_config.zip(a.stage1_weights),
         ldm: a.ldm_config.zip(a.ldm_weights),
         context: a.context,

@@ -9,7 +9,8 @@
 //! come from two 1x1 convs), there is no SiLU between the last GroupNorm and `conv_out`, and
 //! each decoder level has `num_res_blocks` (not `+1`) ResBlocks.
 use super::blocks::{
-    group_norm, AttentionMath, AttentionOptions, Convolution, SpatialAttentionBlock, TransposedConvolution,
+    conv_transpose2d, group_norm, AttentionMath, AttentionOptions, Convolution, SpatialAttentionBlock,
+    TransposedConvolution,
 };
 use crate::checkpoint::Generation;
 use anyhow::{bail, ensure, Result};
@@ -314,7 +315,7 @@ impl Decoder {
                     }
                     (true, Generation::Monai) => {
                         let c = nn::ConvTransposeConfig { stride: 2, ..Default::default() };
-                        Upsample::Deconv { deconv: nn::conv_transpose2d(&p / "deconv", in_c, in_c, 2, c) }
+                        Upsample::Deconv { deconv: conv_transpose2d(&p / "deconv", in_c, in_c, 2, c) }
                     }
                     (true, Generation::Generative) => {
                         Upsample::LegacyDeconv { conv: TransposedConvolution::new(&(&p / "conv"), in_c, in_c, 3, 2, 1) }

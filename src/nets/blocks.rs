@@ -29,10 +29,43 @@ pub struct Convolution {
     conv: nn::Conv2D,
 }
 
+/// PyTorch's `reset_parameters` for convs and linears: weight `kaiming_uniform_(a=sqrt(5))` and
+/// bias, both U(-1/sqrt(fan_in), 1/sqrt(fan_in)). tch's defaults differ (weights sqrt(6) times
+/// wider, conv biases zero), which changes how a network trained from scratch behaves.
+pub fn torch_default_init(fan_in: i64) -> nn::Init {
+    let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
+    nn::Init::Uniform { lo: -bound, up: bound }
+}
+
+/// `nn.Conv2d` initialised as PyTorch does.
+pub fn conv2d(p: nn::Path, cin: i64, cout: i64, kernel: i64, cfg: nn::ConvConfig) -> nn::Conv2D {
+    let init = torch_default_init(cin / cfg.groups * kernel * kernel);
+    nn::conv2d(p, cin, cout, kernel, nn::ConvConfig { ws_init: init, bs_init: init, ..cfg })
+}
+
+/// `nn.ConvTranspose2d` initialised as PyTorch does: its fan-in is taken from dimension 1 of
+/// the (cin, cout/groups, k, k) weight.
+pub fn conv_transpose2d(
+    p: nn::Path,
+    cin: i64,
+    cout: i64,
+    kernel: i64,
+    cfg: nn::ConvTransposeConfig,
+) -> nn::ConvTranspose2D {
+    let init = torch_default_init(cout / cfg.groups * kernel * kernel);
+    nn::conv_transpose2d(p, cin, cout, kernel, nn::ConvTransposeConfig { ws_init: init, bs_init: init, ..cfg })
+}
+
+/// `nn.Linear` initialised as PyTorch does.
+pub fn linear(p: nn::Path, i: i64, o: i64, bias: bool) -> nn::Linear {
+    let init = torch_default_init(i);
+    nn::linear(p, i, o, nn::LinearConfig { ws_init: init, bs_init: bias.then_some(init), bias })
+}
+
 impl Convolution {
     pub fn new(p: &nn::Path, cin: i64, cout: i64, kernel: i64, stride: i64, padding: i64) -> Self {
         let cfg = nn::ConvConfig { stride, padding, ..Default::default() };
-        Self { conv: nn::conv2d(p / "conv", cin, cout, kernel, cfg) }
+        Self { conv: conv2d(p / "conv", cin, cout, kernel, cfg) }
     }
 
     /// MONAI's `zero_module(Convolution(...))`: weights and bias start at zero, so a
@@ -70,7 +103,7 @@ pub struct TransposedConvolution {
 impl TransposedConvolution {
     pub fn new(p: &nn::Path, cin: i64, cout: i64, kernel: i64, stride: i64, padding: i64) -> Self {
         let cfg = nn::ConvTransposeConfig { stride, padding, output_padding: stride - 1, ..Default::default() };
-        Self { conv: nn::conv_transpose2d(p / "conv", cin, cout, kernel, cfg) }
+        Self { conv: conv_transpose2d(p / "conv", cin, cout, kernel, cfg) }
     }
 }
 
@@ -203,24 +236,24 @@ pub struct SABlock {
     opts: AttentionOptions,
 }
 
-fn linear(p: &nn::Path, name: &str, i: i64, o: i64, bias: bool) -> nn::Linear {
-    nn::linear(p / name, i, o, nn::LinearConfig { bias, ..Default::default() })
+fn named_linear(p: &nn::Path, name: &str, i: i64, o: i64, bias: bool) -> nn::Linear {
+    linear(p / name, i, o, bias)
 }
 
 impl SABlock {
     pub fn new(p: &nn::Path, cfg: SABlockConfig, opts: AttentionOptions) -> Self {
         let (c, inner) = (cfg.hidden_input_size, cfg.num_heads * cfg.dim_head);
         let (to_q, to_k, to_v, qkv) = if cfg.use_combined_linear {
-            (None, None, None, Some(linear(p, "qkv", c, 3 * inner, cfg.qkv_bias)))
+            (None, None, None, Some(named_linear(p, "qkv", c, 3 * inner, cfg.qkv_bias)))
         } else {
             (
-                Some(linear(p, "to_q", c, inner, cfg.qkv_bias)),
-                Some(linear(p, "to_k", c, inner, cfg.qkv_bias)),
-                Some(linear(p, "to_v", c, inner, cfg.qkv_bias)),
+                Some(named_linear(p, "to_q", c, inner, cfg.qkv_bias)),
+                Some(named_linear(p, "to_k", c, inner, cfg.qkv_bias)),
+                Some(named_linear(p, "to_v", c, inner, cfg.qkv_bias)),
                 None,
             )
         };
-        let out_proj = cfg.include_fc.then(|| linear(p, "out_proj", inner, c, true));
+        let out_proj = cfg.include_fc.then(|| named_linear(p, "out_proj", inner, c, true));
         Self { to_q, to_k, to_v, qkv, out_proj, num_heads: cfg.num_heads, opts }
     }
 
@@ -271,10 +304,10 @@ impl CrossAttentionBlock {
     ) -> Self {
         let inner = num_heads * dim_head;
         Self {
-            to_q: linear(p, "to_q", hidden_input_size, inner, false),
-            to_k: linear(p, "to_k", context_input_size, inner, false),
-            to_v: linear(p, "to_v", context_input_size, inner, false),
-            out_proj: linear(p, "out_proj", inner, hidden_input_size, true),
+            to_q: named_linear(p, "to_q", hidden_input_size, inner, false),
+            to_k: named_linear(p, "to_k", context_input_size, inner, false),
+            to_v: named_linear(p, "to_v", context_input_size, inner, false),
+            out_proj: named_linear(p, "out_proj", inner, hidden_input_size, true),
             num_heads,
             opts,
         }

@@ -263,7 +263,7 @@ impl Encoder {
             down_blocks.push(DownBlock::new(&(p / "down_blocks" / i), &level, spec, generation));
         }
         let middle_block = MidBlock::new(&(p / "middle_block"), ch[levels - 1], nhc[levels - 1], spec, generation);
-        let lin = |n: &str, i, o| nn::linear(p / "time_embed" / n, i, o, Default::default());
+        let lin = |n: &str, i, o| super::blocks::linear(p / "time_embed" / n, i, o, true);
         Self {
             spec: spec.clone(),
             conv_in: Convolution::new(&(p / "conv_in"), spec.in_channels, ch[0], 3, 1, 1),

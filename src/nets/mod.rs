@@ -5,6 +5,7 @@ pub mod controlnet;
 pub mod diffusion_model_unet;
 pub mod lpips;
 pub mod patch_discriminator;
+pub mod radimagenet_resnet50;
 mod unet_blocks;
 
 pub use autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};

@@ -2,7 +2,7 @@
 //! 1.6.1 `diffusion_model_unet.py`: ResnetBlocks, spatial self-attention, SpatialTransformers,
 //! and the down, middle and up blocks built from them. Field and path names are MONAI's.
 use super::blocks::{
-    group_norm, AttentionMath, AttentionOptions, Convolution, CrossAttentionBlock, SABlock, SABlockConfig,
+    group_norm, linear, AttentionMath, AttentionOptions, Convolution, CrossAttentionBlock, SABlock, SABlockConfig,
     SpatialAttentionBlock,
 };
 use super::diffusion_model_unet::EncoderSpec;
@@ -49,7 +49,7 @@ impl ResnetBlock {
         Self {
             norm1: group_norm(&(p / "norm1"), g, cin, eps),
             conv1: Convolution::new(&(p / "conv1"), cin, cout, 3, 1, 1),
-            time_emb_proj: nn::linear(p / "time_emb_proj", temb, cout, Default::default()),
+            time_emb_proj: linear(p / "time_emb_proj", temb, cout, true),
             norm2: group_norm(&(p / "norm2"), g, cout, eps),
             conv2: Convolution::zeroed(&(p / "conv2"), cout, cout, 3, 1, 1),
             skip_connection: (cin != cout).then(|| Convolution::new(&(p / "skip_connection"), cin, cout, 1, 1, 0)),
@@ -162,7 +162,7 @@ impl SpatialTransformer {
                     include_fc,
                     use_combined_linear: spec.use_combined_linear,
                 };
-                let lin = |n: &str, i, o| nn::linear(&b / "ff" / n, i, o, Default::default());
+                let lin = |n: &str, i, o| linear(&b / "ff" / n, i, o, true);
                 TransformerBlock {
                     attn1: SABlock::new(&(&b / "attn1"), sa, opts),
                     ff: FeedForward {

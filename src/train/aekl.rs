@@ -2,15 +2,19 @@
 //! perceptual + adversarial, gradients clipped to norm 1, Adam), then, once the adversarial loss is
 //! on, the discriminator step on the detached reconstruction and the real images (least-squares
 //! patch loss, clipped to norm 1, Adam). The posterior noise is an argument: the step draws nothing.
+//! Forward passes run under autocast at the chosen precision; each network has its own loss
+//! scaler (disabled, hence the plain fp32 step, unless the precision is fp16).
+use crate::amp::Precision;
 use crate::losses::adversarial::PatchAdversarialLoss;
 use crate::losses::kl::kl_loss;
 use crate::losses::perceptual::PerceptualLoss;
 use crate::nets::patch_discriminator::PatchDiscriminator;
 use crate::nets::AutoencoderKL;
+use crate::train::grad_scaler::GradScaler;
 use crate::train::optim::Adam;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use tch::{Reduction, Tensor};
+use tch::{Kind, Reduction, Tensor};
 
 /// The loss weights of the reference `stage1` config section.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -41,6 +45,14 @@ pub struct AeklLosses {
     pub d_loss: f64,
 }
 
+/// The optimisers of the stage and their loss scalers (the reference's `scaler_g`, `scaler_d`).
+pub struct AeklOptimizers {
+    pub g: Adam,
+    pub d: Adam,
+    pub scaler_g: GradScaler,
+    pub scaler_d: GradScaler,
+}
+
 fn scalar(t: &Tensor) -> Result<f64> {
     f64::try_from(t).context("reading a loss value")
 }
@@ -56,14 +68,16 @@ fn generator_loss(
 ) -> Result<(Tensor, Tensor, AeklLosses)> {
     let (z_mu, z_sigma) = m.autoencoder.encode(images)?;
     let reconstruction = m.autoencoder.decode(&(&z_mu + eps * &z_sigma))?;
-    let l1 = reconstruction.l1_loss(images, Reduction::Mean);
+    // The reference's `.float()`s: the loss terms in float32 whatever autocast gave.
+    let (rec32, images32) = (reconstruction.to_kind(Kind::Float), images.to_kind(Kind::Float));
+    let l1 = rec32.l1_loss(&images32, Reduction::Mean);
     let p_loss = match m.perceptual {
-        Some(p) => p.forward(&reconstruction, images)?,
+        Some(p) => p.forward(&rec32, &images32)?,
         None => Tensor::zeros([], (tch::Kind::Float, images.device())),
     };
     let kl = kl_loss(&z_mu, &z_sigma);
     let g_adv = if adversarial {
-        let logits = m.discriminator.logits(&reconstruction.contiguous(), true)?;
+        let logits = m.discriminator.logits(&rec32.contiguous(), true)?;
         m.adversarial.forward(&logits, true, false)
     } else {
         Tensor::zeros([], (tch::Kind::Float, images.device()))
@@ -81,39 +95,58 @@ fn generator_loss(
     Ok((loss, reconstruction, logged))
 }
 
-/// The generator step, then (when `adversarial`) the discriminator step.
+/// The generator step, then (when `adversarial`) the discriminator step, each as the reference:
+/// forward under autocast, `scale(loss).backward()`, `unscale_`, clip to norm 1, `step`, `update`.
 pub fn aekl_step(
     m: &AeklModels,
-    opt_g: &mut Adam,
-    opt_d: &mut Adam,
+    o: &mut AeklOptimizers,
+    precision: Precision,
     images: &Tensor,
     eps: &Tensor,
     w: &AeklLossWeights,
     adversarial: bool,
 ) -> Result<AeklLosses> {
-    opt_g.zero_grad();
-    let (loss, reconstruction, mut logged) = generator_loss(m, images, eps, w, adversarial)?;
-    loss.backward();
-    let _total_norm = opt_g.clip_grad_norm(1.0)?;
-    opt_g.step()?;
+    let device = images.device();
+    o.g.zero_grad();
+    let (loss, reconstruction, mut logged) = {
+        let _autocast = precision.autocast(device);
+        generator_loss(m, images, eps, w, adversarial)?
+    };
+    o.scaler_g.scale(&loss)?.backward();
+    o.scaler_g.unscale_(&mut o.g)?;
+    let _total_norm = o.g.clip_grad_norm(1.0)?;
+    o.scaler_g.step(&mut o.g)?;
+    o.scaler_g.update()?;
     if adversarial {
         // The generator's adversarial term also reached the discriminator's gradients: cleared here.
-        opt_d.zero_grad();
-        let fake = m.discriminator.logits(&reconstruction.detach().contiguous(), true)?;
-        let loss_fake = m.adversarial.forward(&fake, false, true);
-        let real = m.discriminator.logits(&images.detach().contiguous(), true)?;
-        let loss_real = m.adversarial.forward(&real, true, true);
-        let d_loss = (loss_fake + loss_real) * 0.5 * w.adv_weight;
-        d_loss.backward();
-        let _total_norm = opt_d.clip_grad_norm(1.0)?;
-        opt_d.step()?;
+        o.d.zero_grad();
+        let d_loss = {
+            let _autocast = precision.autocast(device);
+            let fake = m.discriminator.logits(&reconstruction.detach().contiguous(), true)?;
+            let loss_fake = m.adversarial.forward(&fake, false, true);
+            let real = m.discriminator.logits(&images.detach().contiguous(), true)?;
+            let loss_real = m.adversarial.forward(&real, true, true);
+            (loss_fake + loss_real) * 0.5 * w.adv_weight
+        };
+        o.scaler_d.scale(&d_loss)?.backward();
+        o.scaler_d.unscale_(&mut o.d)?;
+        let _total_norm = o.d.clip_grad_norm(1.0)?;
+        o.scaler_d.step(&mut o.d)?;
+        o.scaler_d.update()?;
         logged.d_loss = scalar(&d_loss)?;
     }
     Ok(logged)
 }
 
 /// The validation losses of a batch (no gradients, networks in eval mode, posterior noise given).
-pub fn aekl_eval(m: &AeklModels, images: &Tensor, eps: &Tensor, w: &AeklLossWeights) -> Result<AeklLosses> {
+pub fn aekl_eval(
+    m: &AeklModels,
+    precision: Precision,
+    images: &Tensor,
+    eps: &Tensor,
+    w: &AeklLossWeights,
+) -> Result<AeklLosses> {
     let _guard = tch::no_grad_guard();
+    let _autocast = precision.autocast(images.device());
     Ok(generator_loss(m, images, eps, w, false)?.2)
 }

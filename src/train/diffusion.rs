@@ -2,10 +2,13 @@
 //! uniform timesteps, predict with the UNet (after the ControlNet, when training one), and take the
 //! mean squared error to the target of the prediction type (`v`: `get_velocity(x0, noise, t)`).
 //! The random draws (timesteps, noise) are arguments, so a step is a pure function of its inputs.
+use crate::amp::Precision;
 use crate::nets::{Conditioning, ControlNet, DiffusionModelUNet};
+use crate::train::grad_scaler::GradScaler;
+use crate::train::optim::Adam;
 use crate::schedulers::{NoiseSchedule, PredictionType};
 use anyhow::Result;
-use tch::{Reduction, Tensor};
+use tch::{Kind, Reduction, Tensor};
 
 /// The ControlNet being trained and its control image (the FLAIR slice at full resolution).
 pub struct ControlInput<'a> {
@@ -42,5 +45,26 @@ pub fn diffusion_loss(
         PredictionType::VPrediction => schedule.get_velocity(latent, noise, timesteps)?,
         PredictionType::Sample => latent.shallow_clone(),
     };
-    Ok(pred.mse_loss(&target, Reduction::Mean))
+    // The reference's `F.mse_loss(noise_pred.float(), target.float())`.
+    Ok(pred.to_kind(Kind::Float).mse_loss(&target.to_kind(Kind::Float), Reduction::Mean))
+}
+
+/// One optimiser step as the reference takes it: the loss under autocast, `scaler.scale(loss)
+/// .backward()`, `scaler.step(opt)`, `scaler.update()` (no unscaling, no clipping). Returns the loss.
+pub fn diffusion_step(
+    opt: &mut Adam,
+    scaler: &mut GradScaler,
+    precision: Precision,
+    device: tch::Device,
+    loss: impl FnOnce() -> Result<Tensor>,
+) -> Result<Tensor> {
+    opt.zero_grad();
+    let loss = {
+        let _autocast = precision.autocast(device);
+        loss()?
+    };
+    scaler.scale(&loss)?.backward();
+    scaler.step(opt)?;
+    scaler.update()?;
+    Ok(loss)
 }

@@ -57,6 +57,12 @@ impl GradScaler {
         Ok(Self { config, scale: None, growth_tracker: None, init_growth_tracker: 0, records: HashMap::new() })
     }
 
+    /// The reference's scaler (PyTorch defaults) where the precision needs loss scaling (fp16), a
+    /// disabled one otherwise.
+    pub fn for_precision(precision: crate::amp::Precision) -> Result<Self> {
+        Self::new(GradScalerConfig { enabled: precision.needs_loss_scaling(), ..Default::default() })
+    }
+
     pub fn is_enabled(&self) -> bool {
         self.config.enabled
     }

@@ -6,9 +6,11 @@
 //! moment; every random draw of a step is seeded from (seed, step) (`run::seed_step`); the data
 //! loader's order and augmentations are functions of (seed, epoch, row). A run resumed from any
 //! checkpoint therefore computes what the uninterrupted run computed, bit for bit on CPU.
-use super::aekl::{aekl_eval, aekl_step, AeklLossWeights, AeklModels};
+use super::aekl::{aekl_eval, aekl_step, AeklLossWeights, AeklModels, AeklOptimizers};
 use super::checkpoint::{Checkpoint, TrainState};
-use super::diffusion::{diffusion_loss, ControlInput};
+use super::diffusion::{diffusion_loss, diffusion_step, ControlInput};
+use super::grad_scaler::GradScaler;
+use crate::amp::Precision;
 use super::optim::{Adam, AdamConfig};
 use super::run::{check_finite, interrupt_flag, save_curves, save_grid, seed_step, RunDir, TrainSettings};
 use crate::checkpoint::{load_model, load_strict, StateDict};
@@ -38,6 +40,7 @@ pub struct TrainInputs {
     pub run: PathBuf,
     pub resume: bool,
     pub device: Device,
+    pub precision: Precision,
     /// LDM/ControlNet: the trained AutoencoderKL (config, weights).
     pub stage1: Option<(PathBuf, PathBuf)>,
     /// ControlNet: the trained LDM UNet (config, weights).
@@ -182,7 +185,7 @@ impl<'a> Looper<'a> {
         let bar = indicatif::ProgressBar::new(n);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
-                "{prefix} {wide_bar} {pos}/{len} [{elapsed}<{eta}, {per_sec}] {msg}",
+                "{prefix} {wide_bar} {pos}/{len} samples [{elapsed}<{eta}, {per_sec}] {msg}",
             )
             .expect("valid template"),
         );
@@ -209,8 +212,8 @@ fn run_epochs(
     while l.state.epoch < l.settings.n_epochs {
         let epoch = l.state.epoch;
         let done_in_epoch = l.state.step - epoch * per_epoch;
-        let bar = l.bar(per_epoch);
-        bar.set_position(done_in_epoch);
+        let bar = l.bar(loader.len() as u64);
+        bar.set_position((done_in_epoch * l.settings.batch_size as u64).min(loader.len() as u64));
         for (i, batch) in loader.epoch(epoch).into_iter().enumerate() {
             if (i as u64) < done_in_epoch {
                 continue; // trained before the checkpoint this run resumed from
@@ -221,7 +224,7 @@ fn run_epochs(
             l.state.step += 1;
             l.log("train", losses.clone())?;
             bar.set_message(format!("loss {:.4}", losses["loss"].as_f64().unwrap_or(f64::NAN)));
-            bar.inc(1);
+            bar.inc(batch.rows.len() as u64);
             check_finite("the training loss", losses["loss"].as_f64().unwrap_or(f64::NAN), l.state.step)?;
             let stop = interrupted.load(Ordering::SeqCst) || l.inputs.max_steps.is_some_and(|m| l.state.step >= m);
             if l.state.step.is_multiple_of(l.settings.checkpoint_every.max(1)) || stop {
@@ -323,13 +326,19 @@ pub fn train_aekl(inputs: &TrainInputs) -> Result<()> {
     let ae = AutoencoderKL::new(&ae_vs.root(), &ae_cfg, crate::checkpoint::Generation::Monai)?;
     let d_vs = VarStore::new(dev);
     let disc = PatchDiscriminator::new(&d_vs.root(), &d_cfg)?;
-    let mut opt_g = Adam::from_var_store(AdamConfig::adam(lr(&cfg, "stage1", "base_lr", &inputs.config)?), &ae_vs)?;
-    let mut opt_d = Adam::from_var_store(AdamConfig::adam(lr(&cfg, "stage1", "disc_lr", &inputs.config)?), &d_vs)?;
+    let mut o = AeklOptimizers {
+        g: Adam::from_var_store(AdamConfig::adam(lr(&cfg, "stage1", "base_lr", &inputs.config)?), &ae_vs)?,
+        d: Adam::from_var_store(AdamConfig::adam(lr(&cfg, "stage1", "disc_lr", &inputs.config)?), &d_vs)?,
+        scaler_g: GradScaler::for_precision(inputs.precision)?,
+        scaler_d: GradScaler::for_precision(inputs.precision)?,
+    };
     if let Some(ck) = l.resume()? {
         load_strict(&ae_vs, ck.part("model.autoencoder")?)?;
         load_strict(&d_vs, ck.part("model.discriminator")?)?;
-        opt_g.load_state(ck.part("optim.g")?, "optim")?;
-        opt_d.load_state(ck.part("optim.d")?, "optim")?;
+        o.g.load_state(ck.part("optim.g")?, "optim")?;
+        o.d.load_state(ck.part("optim.d")?, "optim")?;
+        load_scaler(&mut o.scaler_g, ck.part("optim.g")?)?;
+        load_scaler(&mut o.scaler_d, ck.part("optim.d")?)?;
     }
     let adversarial = PatchAdversarialLoss::reference();
     let models = AeklModels {
@@ -346,12 +355,13 @@ pub fn train_aekl(inputs: &TrainInputs) -> Result<()> {
         let sz = b.size();
         vec![sz[0], ae_cfg.latent_channels, sz[2] / f, sz[3] / f]
     };
-    let opts = std::cell::RefCell::new((opt_g, opt_d));
+    let opts = std::cell::RefCell::new(o);
+    let precision = inputs.precision;
     let mut step = |b: &Batch, epoch: u64| -> Result<Value> {
         let images = b.t1w.to_device(dev);
         let eps = Tensor::randn(latent_shape(&images), (Kind::Float, Device::Cpu)).to_device(dev);
-        let (g, d) = &mut *opts.borrow_mut();
-        let losses = aekl_step(&models, g, d, &images, &eps, &w, epoch >= s.adv_start)?;
+        let o = &mut *opts.borrow_mut();
+        let losses = aekl_step(&models, o, precision, &images, &eps, &w, epoch >= s.adv_start)?;
         Ok(serde_json::to_value(losses)?)
     };
     let run_root = l.run.root.clone();
@@ -364,7 +374,7 @@ pub fn train_aekl(inputs: &TrainInputs) -> Result<()> {
             let images = b.t1w.to_device(dev);
             seed_step(s.seed ^ 0x7A11, i as u64);
             let eps = Tensor::randn(latent_shape(&images), (Kind::Float, Device::Cpu)).to_device(dev);
-            let losses = aekl_eval(&models, &images, &eps, &w)?;
+            let losses = aekl_eval(&models, precision, &images, &eps, &w)?;
             total += losses.l1 * b.rows.len() as f64;
             n += b.rows.len();
             last = Some(images);
@@ -378,10 +388,12 @@ pub fn train_aekl(inputs: &TrainInputs) -> Result<()> {
         Ok(total / n.max(1) as f64)
     };
     let parts = || -> Vec<(&'static str, StateDict)> {
-        let (g, d) = &*opts.borrow();
+        let o = &*opts.borrow();
         let (mut og, mut od) = (StateDict::new(), StateDict::new());
-        g.save_state(&mut og, "optim").expect("optimiser state");
-        d.save_state(&mut od, "optim").expect("optimiser state");
+        o.g.save_state(&mut og, "optim").expect("optimiser state");
+        o.d.save_state(&mut od, "optim").expect("optimiser state");
+        o.scaler_g.save_state(&mut og, "scaler").expect("loss scaler state");
+        o.scaler_d.save_state(&mut od, "scaler").expect("loss scaler state");
         vec![
             ("model.autoencoder", store_dict(&ae_vs)),
             ("model.discriminator", store_dict(&d_vs)),
@@ -392,6 +404,17 @@ pub fn train_aekl(inputs: &TrainInputs) -> Result<()> {
     let cfg_json = l.cfg_json.clone();
     let weights = |p: &Path| save_weights(&ae_vs, p, "aekl", &cfg_json, None);
     run_epochs(&mut l, &loader, &mut step, &mut validate, &parts, &weights, &["loss", "l1", "p_loss", "d_loss"])
+}
+
+/// A loss scaler's state from a checkpoint part. A run checkpointed without loss scaling and
+/// resumed in fp16 starts its scaler afresh (and says so); the reverse ignores the saved scale.
+fn load_scaler(scaler: &mut GradScaler, part: &StateDict) -> Result<()> {
+    let saved_enabled = part.metadata.get("scaler.enabled").map(String::as_str) == Some("true");
+    if scaler.is_enabled() && !saved_enabled {
+        eprintln!("the checkpoint was trained without loss scaling: the fp16 loss scaler starts at its initial scale");
+        return Ok(());
+    }
+    scaler.load_state(part, "scaler")
 }
 
 /// The trained autoencoder of a later stage, frozen.
@@ -515,11 +538,13 @@ fn train_diffusion(inputs: &TrainInputs, controlnet_stage: bool) -> Result<()> {
     };
     l.state.extra.insert("scale_factor".to_string(), scale_factor);
     eprintln!("{stage}: scale factor {scale_factor:.5}");
+    let mut scaler = GradScaler::for_precision(inputs.precision)?;
     if let Some(ck) = &resumed {
         load_strict(trained_vs, ck.part("model.trained")?)?;
         opt.load_state(ck.part("optim")?, "optim")?;
+        load_scaler(&mut scaler, ck.part("optim")?)?;
     }
-    let opt = std::cell::RefCell::new(opt);
+    let opt = std::cell::RefCell::new((opt, scaler));
     let latent_of = |images: &Tensor| -> Result<Tensor> {
         Ok(tch::no_grad(|| ae.model.encode_stage_2_inputs(images))? * scale_factor)
     };
@@ -537,12 +562,10 @@ fn train_diffusion(inputs: &TrainInputs, controlnet_stage: bool) -> Result<()> {
         };
         diffusion_loss(&unet, control.as_ref(), &schedule, prediction, &latent, &noise, &t, context.as_ref())
     };
+    let precision = inputs.precision;
     let mut step = |b: &Batch, _epoch: u64| -> Result<Value> {
-        let mut o = opt.borrow_mut();
-        o.zero_grad();
-        let loss = loss_of(b, &b.drop_context)?;
-        loss.backward();
-        o.step()?;
+        let (o, scaler) = &mut *opt.borrow_mut();
+        let loss = diffusion_step(o, scaler, precision, dev, || loss_of(b, &b.drop_context))?;
         Ok(json!({"loss": f64::try_from(&loss)?}))
     };
     let run_root = l.run.root.clone();
@@ -555,6 +578,7 @@ fn train_diffusion(inputs: &TrainInputs, controlnet_stage: bool) -> Result<()> {
             let b = b?;
             seed_step(s.seed ^ 0x7A11, i as u64);
             let no_drop = vec![false; b.rows.len()];
+            let _autocast = precision.autocast(dev);
             total += f64::try_from(loss_of(&b, &no_drop)?)? * b.rows.len() as f64;
             n += b.rows.len();
             if first_flair.is_none() {
@@ -596,7 +620,9 @@ fn train_diffusion(inputs: &TrainInputs, controlnet_stage: bool) -> Result<()> {
     };
     let parts = || -> Vec<(&'static str, StateDict)> {
         let mut o = StateDict::new();
-        opt.borrow().save_state(&mut o, "optim").expect("optimiser state");
+        let (opt, scaler) = &*opt.borrow();
+        opt.save_state(&mut o, "optim").expect("optimiser state");
+        scaler.save_state(&mut o, "scaler").expect("loss scaler state");
         vec![("model.trained", store_dict(trained_vs)), ("optim", o)]
     };
     let cfg_json = l.cfg_json.clone();
