@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod device;
+pub mod generate;
 pub mod nets;
 pub mod sampling;
 pub mod schedulers;

@@ -4,6 +4,7 @@ mod encode_prompt;
 mod forward;
 mod inspect;
 mod preprocess;
+mod sample;
 mod synth;
 mod train;
 
@@ -36,6 +37,8 @@ pub enum Command {
     Synth(synth::Args),
     /// Train a stage: the AutoencoderKL, the LDM or the ControlNet.
     Train(train::Args),
+    /// Sample T1w slices from the LDM, or translate FLAIR slices to T1w with the ControlNet.
+    Sample(sample::Args),
 }
 
 /// Networks the commands know.
@@ -102,5 +105,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Preprocess(a) => preprocess::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Train(a) => train::run(a),
+        Command::Sample(a) => sample::run(a),
     }
 }

@@ -1,0 +1,397 @@
+//! `medgen sample t1w` and `medgen sample flair-to-t1w`: the reference sampling scripts
+//! (`sample_t1w.py`, `sample_flair_to_t1w.py`) with a seed per image and batches.
+use crate::data::loader::{load_png, read_list, PairRecord};
+use crate::device;
+use crate::generate::{save_png, ModelPaths, Models, Sampler, SamplingSection, Text};
+use crate::text::context::PromptContexts;
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use tch::Tensor;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Task {
+    /// Unconditional (or text-conditioned) T1w slices from the LDM, one per seed (`sample_t1w.py`).
+    T1w(T1wArgs),
+    /// T1w slices translated from FLAIR slices by the ControlNet (`sample_flair_to_t1w.py`).
+    FlairToT1w(FlairArgs),
+}
+
+/// What both tasks load and how they sample.
+#[derive(clap::Args, Debug)]
+struct Common {
+    /// The AutoencoderKL config and weights.
+    #[arg(long)]
+    stage1_config: PathBuf,
+    #[arg(long)]
+    stage1_weights: PathBuf,
+    /// The LDM config (its `sampling` section gives the scheduler and defaults) and UNet weights.
+    #[arg(long)]
+    ldm_config: PathBuf,
+    #[arg(long)]
+    ldm_weights: PathBuf,
+    /// Output directory (created).
+    #[arg(long)]
+    output: PathBuf,
+    /// DDIM steps (default: the config's `sampling.num_inference_steps`, else 200 as the reference).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Classifier-free guidance scale for a text-conditioned UNet (default: the config's, as the
+    /// reference: 0 for T1w, 7 for FLAIR->T1w).
+    #[arg(long)]
+    guidance: Option<f64>,
+    /// Prompt contexts from `medgen encode-prompt`, for a text-conditioned UNet.
+    #[arg(long)]
+    context: Option<PathBuf>,
+    /// Latent scale factor (default: recorded in the LDM weights by `medgen train`, else the config's).
+    #[arg(long)]
+    scale_factor: Option<f64>,
+    /// Images sampled together.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Keep images already in --output (made with the same settings) instead of sampling them again.
+    #[arg(long)]
+    skip_existing: bool,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+#[derive(clap::Args, Debug)]
+struct T1wArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Number of images: seeds start-seed .. start-seed + num.
+    #[arg(long, default_value_t = 1000)]
+    num: usize,
+    #[arg(long, default_value_t = 0)]
+    start_seed: i64,
+    /// Exactly these seeds instead (comma-separated), e.g. to regenerate one image.
+    #[arg(long, value_delimiter = ',')]
+    seeds: Option<Vec<i64>>,
+}
+
+#[derive(clap::Args, Debug)]
+struct FlairArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The ControlNet config and weights.
+    #[arg(long)]
+    controlnet_config: PathBuf,
+    #[arg(long)]
+    controlnet_weights: PathBuf,
+    /// A list with `t1w` and `flair` columns (e.g. data/png/test.tsv), or a folder of FLAIR PNGs.
+    #[arg(long)]
+    input: PathBuf,
+    /// At most this many images, from the top of the list (the reference: 1000).
+    #[arg(long, default_value_t = 1000)]
+    limit: usize,
+    /// Image i of the list is sampled with seed `seed + i`.
+    #[arg(long, default_value_t = 0)]
+    seed: i64,
+    /// Only these rows of the list (0-based, comma-separated), e.g. to regenerate one image.
+    #[arg(long, value_delimiter = ',')]
+    rows: Option<Vec<usize>>,
+    /// ControlNet conditioning scale (default: the config's `sampling.controlnet_scale`, else 1).
+    #[arg(long)]
+    conditioning_scale: Option<f64>,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    match a.task {
+        Task::T1w(t) => t1w(t),
+        Task::FlairToT1w(f) => flair_to_t1w(f),
+    }
+}
+
+/// One image to make: its seed, its output name, and for FLAIR->T1w its inputs.
+struct Job {
+    seed: i64,
+    name: String,
+    flair: Option<PathBuf>,
+    t1w: Option<PathBuf>,
+}
+
+struct Setup {
+    models: Models,
+    text: Text,
+    section: SamplingSection,
+    /// The config the `sampling` section was read from.
+    section_path: PathBuf,
+    sampler_steps: usize,
+    device: tch::Device,
+}
+
+fn setup(c: &Common, controlnet: Option<(PathBuf, PathBuf)>, default_guidance: f64) -> Result<Setup> {
+    let device = device::parse(&c.device)?;
+    // The ControlNet config's `sampling` section is the FLAIR->T1w script's; else the LDM's.
+    let section_path = controlnet.as_ref().map_or(&c.ldm_config, |(cfg, _)| cfg).clone();
+    let section = SamplingSection::of(&section_path)?;
+    let paths = ModelPaths {
+        stage1: (c.stage1_config.clone(), c.stage1_weights.clone()),
+        ldm: (c.ldm_config.clone(), c.ldm_weights.clone()),
+        controlnet,
+        scale_factor: c.scale_factor,
+    };
+    let models = Models::load(&paths, device)?;
+    let contexts = c.context.as_ref().map(|p| PromptContexts::load(p, device)).transpose()?;
+    let text = Text::new(
+        &models.unet.model,
+        contexts,
+        c.guidance,
+        section.guidance_scale.unwrap_or(default_guidance),
+    )?;
+    let sampler_steps = c.steps.or(section.num_inference_steps).unwrap_or(200);
+    ensure!(sampler_steps > 0, "--steps must be positive");
+    ensure!(c.batch_size > 0, "--batch-size must be positive");
+    Ok(Setup { models, text, section, section_path, sampler_steps, device })
+}
+
+/// The settings that decide the pixels, kept in `manifest.json` so `--skip-existing` never mixes
+/// images made differently.
+fn settings(c: &Common, s: &Setup, extra: Value) -> Value {
+    let guidance = match &s.text {
+        Text::None => Value::Null,
+        Text::Guided { guidance_scale, .. } => json!(guidance_scale),
+    };
+    let mut v = json!({
+        "stage1_weights": c.stage1_weights, "ldm_weights": c.ldm_weights, "context": c.context,
+        "steps": s.sampler_steps, "guidance": guidance, "scale_factor": s.models.scale_factor,
+    });
+    if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+        o.extend(e.clone());
+    }
+    v
+}
+
+fn check_manifest(out: &Path, settings: &Value, skip_existing: bool) -> Result<()> {
+    let path = out.join("manifest.json");
+    if skip_existing && path.exists() {
+        let old: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
+            .with_context(|| format!("{}: not JSON", path.display()))?;
+        ensure!(
+            old.get("settings") == Some(settings),
+            "{} was made with other settings ({}); choose another --output or drop --skip-existing",
+            out.display(),
+            old.get("settings").unwrap_or(&Value::Null)
+        );
+    }
+    Ok(())
+}
+
+fn write_manifest(out: &Path, settings: &Value, jobs: &[Job]) -> Result<()> {
+    let images: Vec<Value> = jobs
+        .iter()
+        .map(|j| json!({"seed": j.seed, "image": j.name, "flair": j.flair, "t1w": j.t1w}))
+        .collect();
+    let text = serde_json::to_string_pretty(&json!({"settings": settings, "images": images}))?;
+    let path = out.join("manifest.json");
+    let tmp = crate::data::volume::temporary_path(&path)?;
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn bar(n: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(n);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} {wide_bar} {pos}/{len} images [{elapsed}<{eta}] {msg}")
+            .expect("valid template"),
+    );
+    bar.set_prefix(what.to_string());
+    bar
+}
+
+/// Samples the jobs in batches; `write` stores each image of a batch.
+fn run_jobs(
+    s: &Setup,
+    jobs: &[Job],
+    conditioning_scale: f64,
+    latent_shape: [i64; 3],
+    c: &Common,
+    what: &str,
+    write: &dyn Fn(&Job, &Tensor, Option<&Tensor>) -> Result<()>,
+) -> Result<()> {
+    let (kind, sched) = s.section.scheduler(&s.section_path)?;
+    let sampler = Sampler {
+        models: &s.models,
+        text: &s.text,
+        scheduler_kind: kind,
+        scheduler: sched,
+        steps: s.sampler_steps,
+        conditioning_scale,
+        device: s.device,
+    };
+    let todo: Vec<&Job> =
+        jobs.iter().filter(|j| !(c.skip_existing && c.output.join(&j.name).exists())).collect();
+    if todo.len() < jobs.len() {
+        eprintln!("{} of {} images already in {}", jobs.len() - todo.len(), jobs.len(), c.output.display());
+    }
+    let pb = bar(todo.len() as u64, what);
+    for chunk in todo.chunks(c.batch_size) {
+        let seeds: Vec<i64> = chunk.iter().map(|j| j.seed).collect();
+        let flair = match chunk[0].flair {
+            Some(_) => {
+                let imgs: Result<Vec<Tensor>> =
+                    chunk.iter().map(|j| load_png(j.flair.as_ref().expect("every job has one"))).collect();
+                Some(Tensor::stack(&imgs?, 0))
+            }
+            None => None,
+        };
+        let images = sampler.sample(&seeds, latent_shape, flair.as_ref(), &mut |i, n| {
+            pb.set_message(format!("step {i}/{n}"));
+        })?;
+        let images = images.to_device(tch::Device::Cpu);
+        for (k, job) in chunk.iter().enumerate() {
+            let f = flair.as_ref().map(|f| f.get(k as i64));
+            write(job, &images.get(k as i64), f.as_ref())?;
+        }
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_with_message("done");
+    Ok(())
+}
+
+fn latent_shape(s: &Setup, h: i64, w: i64) -> Result<[i64; 3]> {
+    let want = s.models.latent_shape(h, w);
+    if let Some(l) = &s.section.latent_shape {
+        ensure!(
+            l.as_slice() == want,
+            "the config's sampling.latent_shape {l:?} does not match {h}x{w} images through this autoencoder ({want:?})"
+        );
+    }
+    Ok(want)
+}
+
+fn t1w(a: T1wArgs) -> Result<()> {
+    let c = &a.common;
+    let s = setup(c, None, 0.0)?;
+    let seeds: Vec<i64> = match &a.seeds {
+        Some(v) => v.clone(),
+        None => (0..a.num as i64).map(|i| a.start_seed + i).collect(),
+    };
+    ensure!(!seeds.is_empty(), "no seeds to sample");
+    // The reference's 160x224 slices, unless the config says otherwise.
+    let shape = match &s.section.latent_shape {
+        Some(l) => <[i64; 3]>::try_from(l.as_slice())
+            .map_err(|_| anyhow::anyhow!("sampling.latent_shape must be [channels, h, w], got {l:?}"))?,
+        None => latent_shape(&s, 160, 224)?,
+    };
+    let jobs: Vec<Job> =
+        seeds.iter().map(|&seed| Job { seed, name: format!("sample_{seed}.png"), flair: None, t1w: None }).collect();
+    std::fs::create_dir_all(&c.output).with_context(|| format!("cannot create {}", c.output.display()))?;
+    let settings = settings(c, &s, json!({"task": "t1w", "latent_shape": shape}));
+    check_manifest(&c.output, &settings, c.skip_existing)?;
+    write_manifest(&c.output, &settings, &jobs)?;
+    run_jobs(&s, &jobs, 1.0, shape, c, "t1w", &|job, img, _| save_png(&c.output.join(&job.name), img))?;
+    grid(&c.output, &jobs.iter().take(16).map(|j| vec![c.output.join(&j.name)]).collect::<Vec<_>>(), 8)?;
+    eprintln!("{} samples in {}", jobs.len(), c.output.display());
+    Ok(())
+}
+
+/// The list rows (or folder PNGs) to translate.
+fn flair_inputs(input: &Path) -> Result<Vec<PairRecord>> {
+    if input.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(input)
+            .with_context(|| format!("cannot read {}", input.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")))
+            .collect();
+        files.sort();
+        ensure!(!files.is_empty(), "{}: no PNG files", input.display());
+        return Ok(files.into_iter().map(|f| PairRecord { t1w: PathBuf::new(), flair: Some(f) }).collect());
+    }
+    let rows = read_list(input)?;
+    ensure!(
+        rows.iter().all(|r| r.flair.is_some()),
+        "{}: FLAIR->T1w needs a `flair` column",
+        input.display()
+    );
+    Ok(rows)
+}
+
+/// The output name of a translated slice: the T1w file's name (as the reference), or for a bare
+/// FLAIR file its name with FLAIR replaced by T1w.
+fn output_name(r: &PairRecord) -> Result<String> {
+    let name = |p: &Path| p.file_name().and_then(|n| n.to_str()).map(str::to_string);
+    if !r.t1w.as_os_str().is_empty() {
+        return name(&r.t1w).with_context(|| format!("{}: no file name", r.t1w.display()));
+    }
+    let f = r.flair.as_ref().expect("checked by flair_inputs");
+    let n = name(f).with_context(|| format!("{}: no file name", f.display()))?;
+    Ok(if n.contains("FLAIR") { n.replace("FLAIR", "T1w") } else { n.replace(".png", "_T1w.png") })
+}
+
+fn flair_to_t1w(a: FlairArgs) -> Result<()> {
+    let c = &a.common;
+    let s = setup(c, Some((a.controlnet_config.clone(), a.controlnet_weights.clone())), 7.0)?;
+    let records = flair_inputs(&a.input)?;
+    let n = records.len().min(a.limit);
+    let rows: Vec<usize> = match &a.rows {
+        Some(r) => {
+            for &i in r {
+                ensure!(i < n, "row {i} is beyond the {n} rows used from {}", a.input.display());
+            }
+            r.clone()
+        }
+        None => (0..n).collect(),
+    };
+    ensure!(!rows.is_empty(), "{}: nothing to translate", a.input.display());
+    let mut jobs = Vec::new();
+    for &i in &rows {
+        let r = &records[i];
+        jobs.push(Job {
+            seed: a.seed + i as i64,
+            name: output_name(r)?,
+            flair: r.flair.clone(),
+            t1w: (!r.t1w.as_os_str().is_empty()).then(|| r.t1w.clone()),
+        });
+    }
+    let first = load_png(jobs[0].flair.as_ref().expect("set above"))?;
+    let (h, w) = (first.size()[1], first.size()[2]);
+    let shape = latent_shape(&s, h, w)?;
+    let scale = a.conditioning_scale.or(s.section.controlnet_scale).unwrap_or(1.0);
+    std::fs::create_dir_all(&c.output).with_context(|| format!("cannot create {}", c.output.display()))?;
+    let settings = settings(
+        c,
+        &s,
+        json!({"task": "flair_to_t1w", "controlnet_weights": a.controlnet_weights, "conditioning_scale": scale,
+               "input": a.input, "seed": a.seed}),
+    );
+    check_manifest(&c.output, &settings, c.skip_existing)?;
+    write_manifest(&c.output, &settings, &jobs)?;
+    let out = &c.output;
+    run_jobs(&s, &jobs, scale, shape, c, "flair->t1w", &|job, img, flair| {
+        save_png(&out.join(&job.name), img)?;
+        // FLAIR | generated T1w | real T1w, from the PNGs as written (what the metrics read).
+        let mut row = vec![flair.context("the FLAIR input")?.shallow_clone(), load_png(&out.join(&job.name))?];
+        if let Some(t) = &job.t1w {
+            row.push(load_png(t)?);
+        }
+        let cat = Tensor::cat(&row, 2);
+        save_png(&out.join(comparison_name(&job.name)), &cat)
+    })?;
+    let cmp: Vec<Vec<PathBuf>> = jobs.iter().take(6).map(|j| vec![out.join(comparison_name(&j.name))]).collect();
+    grid(out, &cmp, 1)?;
+    eprintln!("{} translations in {}", jobs.len(), out.display());
+    Ok(())
+}
+
+fn comparison_name(name: &str) -> String {
+    format!("{}_comparison.png", name.trim_end_matches(".png"))
+}
+
+/// `grid.png`: the given PNGs (all of one size), `cols` per row.
+fn grid(out: &Path, cells: &[Vec<PathBuf>], cols: i64) -> Result<()> {
+    let imgs: Result<Vec<Tensor>> = cells.iter().flatten().map(|p| load_png(p)).collect();
+    let imgs = imgs?;
+    if imgs.is_empty() {
+        bail!("no images for the grid");
+    }
+    crate::train::run::save_grid(&out.join("grid.png"), &Tensor::stack(&imgs, 0), cols)
+}
