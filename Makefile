@@ -14,7 +14,7 @@ CONFIGS ?= configs/demo
 RUNS ?= runs
 MEDGEN := ./target/release/medgen
 
-.PHONY: setup build fixtures test demo data train clean-fixtures
+.PHONY: setup build fixtures test demo data train sample evaluate clean-fixtures
 
 setup: $(STAMP)
 
@@ -54,6 +54,7 @@ fixtures: setup
 	$(VPY) tests/gen_train_step_fixtures.py --out $(FIXTURES)/train_step
 	$(VPY) tests/gen_train_aekl_fixtures.py --out $(FIXTURES)/train_aekl
 	$(VPY) tests/gen_resnet_fixtures.py --out $(FIXTURES)/resnet
+	$(VPY) tests/gen_metric_fixtures.py --out $(FIXTURES)/metrics
 
 test: fixtures
 	MEDGEN_FIXTURES=$(CURDIR)/$(FIXTURES) MEDGEN_VENV_PYTHON=$(CURDIR)/$(VPY) MEDGEN_CLIP_VOCAB=$(CURDIR)/$(CLIP_VOCAB) MEDGEN_NILEARN_WHEEL=$(CURDIR)/$(NILEARN_WHEEL) cargo test -- --test-threads=1
@@ -73,11 +74,42 @@ train: data
 		--stage1-config $(CONFIGS)/aekl.json --stage1-weights $(RUNS)/aekl/final_model.safetensors \
 		--ldm-config $(CONFIGS)/ldm.json --ldm-weights $(RUNS)/ldm/final_model.safetensors
 
-# Until sampling and evaluation exist (the next issue), the demo builds the data set and trains the
-# three stages; it says so rather than pretend to evaluate.
+# Sampling with the trained stages (override the variables for your own runs), as the reference
+# scripts: unconditional T1w samples (one seed each) and FLAIR->T1w translations of a test list.
+SAMPLES ?= $(RUNS)/samples
+NUM_SAMPLES ?= 100
+TEST_LIST ?= $(DATA)/png/test.tsv
+DEVICE ?= auto
+STAGE1_ARGS = --stage1-config $(CONFIGS)/aekl.json --stage1-weights $(RUNS)/aekl/final_model.safetensors
+LDM_ARGS = --ldm-config $(CONFIGS)/ldm.json --ldm-weights $(RUNS)/ldm/final_model.safetensors
+CN_ARGS = --controlnet-config $(CONFIGS)/controlnet.json --controlnet-weights $(RUNS)/controlnet/final_model.safetensors
+sample: build
+	$(MEDGEN) sample t1w $(STAGE1_ARGS) $(LDM_ARGS) --num $(NUM_SAMPLES) --batch-size 25 \
+		--output $(SAMPLES)/t1w --device $(DEVICE) --skip-existing
+	$(MEDGEN) sample flair-to-t1w $(STAGE1_ARGS) $(LDM_ARGS) $(CN_ARGS) --input $(TEST_LIST) --batch-size 25 \
+		--output $(SAMPLES)/flair_to_t1w --device $(DEVICE) --skip-existing
+
+# Every reference metric on the samples, then the report (runs/demo/report.md for the demo).
+EVAL ?= $(RUNS)/eval
+REPORT ?= $(RUNS)/report.md
+evaluate: build
+	$(MEDGEN) eval reconstruction $(STAGE1_ARGS) --list $(TEST_LIST) --output $(EVAL) --device $(DEVICE)
+	$(MEDGEN) eval flair-to-t1w --samples $(SAMPLES)/flair_to_t1w --list $(TEST_LIST) --baselines --output $(EVAL)
+	$(MEDGEN) eval diversity --samples $(SAMPLES)/t1w --output $(EVAL) --device $(DEVICE)
+	$(MEDGEN) eval fid --samples $(SAMPLES)/t1w --real $(TEST_LIST) --fid-wheel $(FID_WHEEL) --output $(EVAL) --device $(DEVICE)
+	$(MEDGEN) eval report --eval $(EVAL) --output $(REPORT) \
+		--figure "LDM samples (seeds 0-15)=$(SAMPLES)/t1w/grid.png" \
+		--figure "FLAIR | ControlNet T1w | real T1w=$(SAMPLES)/flair_to_t1w/grid.png" \
+		--figure "AutoencoderKL loss curves=$(RUNS)/aekl/loss_curve.png" \
+		--figure "LDM loss curves=$(RUNS)/ldm/loss_curve.png" \
+		--figure "ControlNet loss curves=$(RUNS)/controlnet/loss_curve.png"
+
+# The main job: data, the three stages, sampling and every metric, on 2 CPU cores.
+demo: RUNS = runs/demo
+demo: DEVICE = cpu
 demo: train
-	@echo "medgen demo: data set in $(DATA)/png, trained stages in $(RUNS)/ (loss curves, sample grids)."
-	@echo "Not built yet: FLAIR->T1w sampling over the test set and its metrics (MS-SSIM, FID, PSNR, MAE)."
+	$(MAKE) --no-print-directory sample evaluate RUNS=$(RUNS) DEVICE=$(DEVICE)
+	@echo "medgen demo: report in $(RUNS)/report.md"
 
 clean-fixtures:
 	rm -rf $(FIXTURES)

@@ -2,17 +2,12 @@
 //! AutoencoderKL parity fixtures.
 mod common;
 
+use common::run::{medgen, ok, s};
 use common::{fixtures, max_abs_diff};
 use medgen::checkpoint::StateDict;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Output};
-
-/// One libtorch thread, as the fixtures were made: results are then bit-identical to
-/// PyTorch's instead of differing in float rounding.
-fn medgen(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_medgen")).args(args).env("OMP_NUM_THREADS", "1").output().expect("medgen runs")
-}
+use std::process::Output;
 
 /// `medgen convert --model aekl`.
 fn convert(cfg: &Path, input: &Path, output: &Path) -> Output {
@@ -26,17 +21,6 @@ fn forward(cfg: &Path, weights: &Path, inputs: &Path, output: &Path, extra: &[&s
     args.extend(["--output", s(output)]);
     args.extend(extra);
     medgen(&args)
-}
-
-/// Asserts the command succeeded; returns what it printed.
-fn ok(o: Output) -> String {
-    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    assert!(o.status.success(), "medgen failed:\n{out}\n{err}");
-    format!("{out}{err}")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// convert, then forward each op, for one fixture case; compares with PyTorch's outputs.

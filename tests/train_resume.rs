@@ -1,72 +1,13 @@
 //! `medgen train` resumes exactly: for each stage, training straight through and training with an
 //! interruption (a stop after some steps, or a SIGKILL at an arbitrary moment) then `--resume`
 //! give byte-identical final weights. Tiny networks on a tiny generated data set, CPU.
+mod common;
+
+use common::run::{configs, data, medgen, ok, s};
 use medgen::checkpoint::StateDict;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
-
-fn medgen(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_medgen")).args(args).env("OMP_NUM_THREADS", "1").output().expect("medgen runs")
-}
-
-fn ok(o: Output) -> String {
-    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    assert!(o.status.success(), "medgen failed:\n{out}\n{err}");
-    format!("{out}{err}")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// 12 T1w/FLAIR PNG pairs of 32x32 with some structure, split 10/2.
-fn data(dir: &Path) {
-    let mut lists = [String::from("t1w\tflair\n"), String::from("t1w\tflair\n")];
-    for i in 0..12u32 {
-        let t1w = image::GrayImage::from_fn(32, 32, |x, y| {
-            let d = ((x as i32 - 16).pow(2) + (y as i32 - 16).pow(2)) as u32;
-            image::Luma([if d < 150 { 120 + ((x * 3 + y * 5 + i * 17) % 90) as u8 } else { (i * 7 % 20) as u8 }])
-        });
-        let flair = image::GrayImage::from_fn(32, 32, |x, y| image::Luma([255 - t1w.get_pixel(x, y)[0] / 2]));
-        let (t, f) = (dir.join(format!("s{i}_T1w.png")), dir.join(format!("s{i}_FLAIR.png")));
-        t1w.save(&t).unwrap();
-        flair.save(&f).unwrap();
-        lists[(i >= 10) as usize].push_str(&format!("{}\t{}\n", t.display(), f.display()));
-    }
-    std::fs::write(dir.join("train.tsv"), &lists[0]).unwrap();
-    std::fs::write(dir.join("validation.tsv"), &lists[1]).unwrap();
-}
-
-fn configs(dir: &Path, epochs: u32) -> [PathBuf; 3] {
-    let train = format!(
-        r#""train": {{"batch_size": 4, "n_epochs": {epochs}, "eval_freq": 1, "seed": 5, "checkpoint_every": 1,
-  "adv_start": 1, "sample_steps": 2, "context_dropout": 0.1}}"#
-    );
-    let aekl = format!(
-        r#"{{"stage1": {{"base_lr": 0.001, "disc_lr": 0.001, "perceptual_weight": 0.0, "adv_weight": 0.01,
-  "kl_weight": 1e-6, "params": {{"spatial_dims": 2, "in_channels": 1, "out_channels": 1, "channels": [8, 8],
-  "latent_channels": 3, "num_res_blocks": 1, "attention_levels": [false, false], "norm_num_groups": 4,
-  "with_encoder_nonlocal_attn": false, "with_decoder_nonlocal_attn": false}}}},
- "discriminator": {{"params": {{"spatial_dims": 2, "channels": 8, "num_layers_d": 2, "in_channels": 1}}}},
- {train}}}"#
-    );
-    let sched = r#""scheduler": {"schedule": "scaled_linear_beta", "beta_start": 0.0015, "beta_end": 0.0205,
-  "prediction_type": "v_prediction"}"#;
-    let encoder = r#""spatial_dims": 2, "in_channels": 3, "num_res_blocks": 1, "channels": [8, 16],
-  "attention_levels": [false, true], "num_head_channels": [0, 8], "norm_num_groups": 4"#;
-    let ldm =
-        format!(r#"{{"ldm": {{"base_lr": 0.001, "params": {{{encoder}, "out_channels": 3}}, {sched}}}, {train}}}"#);
-    let cn = format!(
-        r#"{{"controlnet": {{"base_lr": 0.001, "params": {{{encoder}, "conditioning_embedding_num_channels": [8, 8]}}}},
- "ldm": {{{sched}}}, {train}}}"#
-    );
-    let paths = [dir.join("aekl.json"), dir.join("ldm.json"), dir.join("controlnet.json")];
-    for (p, c) in paths.iter().zip([aekl, ldm, cn]) {
-        std::fs::write(p, c).unwrap();
-    }
-    paths
-}
 
 fn train(stage: &str, cfg: &Path, data: &Path, run: &Path, extra: &[&str]) -> Output {
     let mut args = vec!["train", stage, "--config", s(cfg), "--data", s(data), "--run", s(run)];
@@ -92,7 +33,7 @@ impl PartialEq for Weights {
 fn every_stage_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    data(d);
+    data(d, 32);
     let [aekl, ldm, cn] = configs(d, 2);
     let runs = d.join("runs");
     // AutoencoderKL: straight, and stopped at step 4 (mid-epoch, after the adversarial start) then resumed.
@@ -134,7 +75,7 @@ fn every_stage_resumes_exactly() {
 fn a_run_killed_with_sigkill_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    data(d);
+    data(d, 32);
     // Long enough that the kill lands mid-run.
     let [aekl, ..] = configs(d, 25);
     let runs = d.join("runs");
@@ -167,7 +108,7 @@ fn a_run_killed_with_sigkill_resumes_exactly() {
 fn ctrl_c_saves_a_checkpoint_and_the_run_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    data(d);
+    data(d, 32);
     let [aekl, ..] = configs(d, 25);
     let runs = d.join("runs");
     ok(train("aekl", &aekl, d, &runs.join("straight"), &[]));
@@ -201,7 +142,7 @@ fn ctrl_c_saves_a_checkpoint_and_the_run_resumes_exactly() {
 fn a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    data(d);
+    data(d, 32);
     let [aekl, ..] = configs(d, 3);
     // A learning rate that blows the weights up: the next forward overflows to inf/NaN.
     let blown = std::fs::read_to_string(&aekl).unwrap().replace(r#""base_lr": 0.001"#, r#""base_lr": 1e36"#);

@@ -1,2 +1,4 @@
 //! The reference's evaluation metrics (reference-repo.md §5), each with parity tests against
 //! MONAI / the reference formulas.
+pub mod regression;
+pub mod ssim;

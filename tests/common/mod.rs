@@ -1,5 +1,7 @@
 //! Shared test helpers.
 #![allow(dead_code)]
+pub mod run;
+
 use std::path::PathBuf;
 use tch::{Kind, Tensor};
 
