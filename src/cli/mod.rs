@@ -1,6 +1,7 @@
 //! The `medgen` command line.
 mod convert;
 mod encode_prompt;
+mod eval;
 mod forward;
 mod inspect;
 mod preprocess;
@@ -39,6 +40,8 @@ pub enum Command {
     Train(train::Args),
     /// Sample T1w slices from the LDM, or translate FLAIR slices to T1w with the ControlNet.
     Sample(sample::Args),
+    /// The reference metrics (reconstruction MS-SSIM, FID/KID, diversity, FLAIR->T1w PSNR/MAE/MS-SSIM) and the report.
+    Eval(eval::Args),
 }
 
 /// Networks the commands know.
@@ -106,5 +109,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Synth(a) => synth::run(a),
         Command::Train(a) => train::run(a),
         Command::Sample(a) => sample::run(a),
+        Command::Eval(a) => eval::run(a),
     }
 }
