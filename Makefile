@@ -55,9 +55,10 @@ fixtures: setup
 	$(VPY) tests/gen_train_aekl_fixtures.py --out $(FIXTURES)/train_aekl
 	$(VPY) tests/gen_resnet_fixtures.py --out $(FIXTURES)/resnet
 	$(VPY) tests/gen_metric_fixtures.py --out $(FIXTURES)/metrics
+	$(VPY) tests/gen_fid_fixtures.py --wheel $(FID_WHEEL) --out $(FIXTURES)/fid
 
 test: fixtures
-	MEDGEN_FIXTURES=$(CURDIR)/$(FIXTURES) MEDGEN_VENV_PYTHON=$(CURDIR)/$(VPY) MEDGEN_CLIP_VOCAB=$(CURDIR)/$(CLIP_VOCAB) MEDGEN_NILEARN_WHEEL=$(CURDIR)/$(NILEARN_WHEEL) cargo test -- --test-threads=1
+	MEDGEN_FIXTURES=$(CURDIR)/$(FIXTURES) MEDGEN_VENV_PYTHON=$(CURDIR)/$(VPY) MEDGEN_CLIP_VOCAB=$(CURDIR)/$(CLIP_VOCAB) MEDGEN_NILEARN_WHEEL=$(CURDIR)/$(NILEARN_WHEEL) MEDGEN_FID_WHEEL=$(CURDIR)/$(FID_WHEEL) cargo test -- --test-threads=1
 
 # The default data set: synthetic FLAIR/T1w volumes from real anatomy, then the reference slice
 # extraction and lists (data/png/{train,validation,test}.tsv).

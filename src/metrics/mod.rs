@@ -2,3 +2,5 @@
 //! MONAI / the reference formulas.
 pub mod regression;
 pub mod ssim;
+pub mod fid;
+pub mod inception;
