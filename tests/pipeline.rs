@@ -104,6 +104,25 @@ fn train_sample_evaluate_report() {
         assert_eq!((cmp.width(), cmp.height()), (3 * 128, 128), "FLAIR | generated | real");
     }
 
+    // A folder of FLAIR PNGs (no list, no real T1w): outputs named after the FLAIR files, 2-panel strips.
+    let flair_dir = d.join("flair_only");
+    std::fs::create_dir_all(&flair_dir).unwrap();
+    std::fs::copy(d.join("s10_FLAIR.png"), flair_dir.join("s10_FLAIR.png")).unwrap();
+    let from_dir = d.join("from_dir");
+    ok(medgen(
+        &[
+            &["sample", "flair-to-t1w", "--device", "cpu", "--output", s(&from_dir), "--input", s(&flair_dir)][..],
+            &stage1,
+            &ldm_args,
+            &["--controlnet-config", s(&cn), "--controlnet-weights", s(&cn_w)],
+        ]
+        .concat(),
+    ));
+    // Row 0 of the folder has seed 0, as row 0 of the list: the same FLAIR slice gives the same image.
+    assert!(bytes(&from_dir.join("s10_T1w.png")) == bytes(&f2t.join("s10_T1w.png")), "folder vs list input");
+    let strip = image::open(from_dir.join("s10_T1w_comparison.png")).unwrap();
+    assert_eq!((strip.width(), strip.height()), (2 * 128, 128), "FLAIR | generated");
+
     // Every metric, then the report.
     let eval = d.join("eval");
     let e = |args: &[&str]| ok(medgen(&[&["eval"][..], args, &["--output", s(&eval)]].concat()));

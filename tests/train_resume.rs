@@ -70,6 +70,25 @@ fn every_stage_resumes_exactly() {
     assert!(final_weights(&runs.join("cn")) != final_weights(&runs.join("ldm")));
 }
 
+/// Starts `medgen train aekl` in the background (output captured) and returns once it has written
+/// its first checkpoint and run on for `settle`.
+fn train_until_checkpointed(cfg: &Path, data: &Path, run: &Path, settle: Duration) -> std::process::Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_medgen"))
+        .args(["train", "aekl", "--config", s(cfg), "--data", s(data), "--run", s(run)])
+        .env("OMP_NUM_THREADS", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !run.join("checkpoint.safetensors").exists() {
+        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::sleep(settle);
+    child
+}
+
 #[cfg(unix)]
 #[test]
 fn a_run_killed_with_sigkill_resumes_exactly() {
@@ -81,20 +100,8 @@ fn a_run_killed_with_sigkill_resumes_exactly() {
     let runs = d.join("runs");
     ok(train("aekl", &aekl, d, &runs.join("straight"), &[]));
     let killed = runs.join("killed");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_medgen"))
-        .args(["train", "aekl", "--config", s(&aekl), "--data", s(d), "--run", s(&killed)])
-        .env("OMP_NUM_THREADS", "1")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
     // Kill it once it has checkpointed a step or two, whatever it is doing at that moment.
-    let start = std::time::Instant::now();
-    while !killed.join("checkpoint.safetensors").exists() {
-        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    let mut child = train_until_checkpointed(&aekl, d, &killed, Duration::from_millis(300));
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(!killed.join("final_model.safetensors").exists(), "killed too late to test anything");
@@ -113,19 +120,7 @@ fn ctrl_c_saves_a_checkpoint_and_the_run_resumes_exactly() {
     let runs = d.join("runs");
     ok(train("aekl", &aekl, d, &runs.join("straight"), &[]));
     let run = runs.join("interrupted");
-    let child = Command::new(env!("CARGO_BIN_EXE_medgen"))
-        .args(["train", "aekl", "--config", s(&aekl), "--data", s(d), "--run", s(&run)])
-        .env("OMP_NUM_THREADS", "1")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = std::time::Instant::now();
-    while !run.join("checkpoint.safetensors").exists() {
-        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    std::thread::sleep(Duration::from_millis(200));
+    let child = train_until_checkpointed(&aekl, d, &run, Duration::from_millis(200));
     let sent = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(sent.success(), "could not send SIGINT");
     let out = child.wait_with_output().unwrap();
