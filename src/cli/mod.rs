@@ -1,4 +1,5 @@
 //! The `medgen` command line.
+mod bench;
 mod convert;
 mod encode_prompt;
 mod eval;
@@ -40,6 +41,8 @@ pub enum Command {
     Train(train::Args),
     /// Sample T1w slices from the LDM, or translate FLAIR slices to T1w with the ControlNet.
     Sample(sample::Args),
+    /// Time one operation as bench/reference.py times the Python reference (for `make bench`).
+    Bench(bench::Args),
     /// The reference metrics (reconstruction MS-SSIM, FID/KID, diversity, FLAIR->T1w PSNR/MAE/MS-SSIM) and the report.
     Eval(eval::Args),
 }
@@ -110,5 +113,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train::run(a),
         Command::Sample(a) => sample::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
