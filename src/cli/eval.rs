@@ -146,16 +146,6 @@ fn write_json(dir: &Path, name: &str, v: &Value) -> Result<()> {
     Ok(())
 }
 
-fn bar(n: usize, what: &str) -> indicatif::ProgressBar {
-    let b = indicatif::ProgressBar::new(n as u64);
-    b.set_style(
-        indicatif::ProgressStyle::with_template("{prefix} {wide_bar} {pos}/{len} [{elapsed}<{eta}]")
-            .expect("valid template"),
-    );
-    b.set_prefix(what.to_string());
-    b
-}
-
 fn mean_std_json(rows: &[PerImage], names: &[&str]) -> Result<Value> {
     let mut o = serde_json::Map::new();
     for (n, ms) in evaluate::summarise(rows, names)? {
@@ -172,7 +162,7 @@ fn reconstruction(a: ReconArgs) -> Result<()> {
     ae.vs.freeze();
     let records = read_list(&a.list)?;
     ensure!(!records.is_empty(), "{}: empty list", a.list.display());
-    let pb = bar(records.len(), "reconstruction MS-SSIM");
+    let pb = super::progress_bar(records.len() as u64, "reconstruction MS-SSIM", "images");
     let rows = evaluate::reconstruction_ms_ssim(&ae.model, &records, a.batch_size, dev, &mut |i, _| {
         pb.set_position(i as u64)
     })?;
@@ -200,7 +190,7 @@ fn flair_to_t1w(a: TranslationArgs) -> Result<()> {
     result.insert("samples".into(), json!(a.samples));
     result.insert("list".into(), json!(a.list));
     for (kind, name) in kinds {
-        let pb = bar(records.len(), name);
+        let pb = super::progress_bar(records.len() as u64, name, "images");
         let rows = evaluate::translation_metrics(records, Some(&a.samples), kind, a.batch_size, &mut |i, _| {
             pb.set_position(i as u64)
         })?;
@@ -228,7 +218,7 @@ fn fid(a: FidArgs) -> Result<()> {
     let real: Vec<PathBuf> = read_list(&a.real)?.into_iter().take(a.limit).map(|r| r.t1w).collect();
     ensure!(!real.is_empty(), "{}: empty list", a.real.display());
     let net = crate::evaluate::FeatureNetwork::load(&a.network, &a.fid_wheel, a.radimagenet_weights.as_deref(), dev)?;
-    let pb = bar(samples.len() + real.len(), &format!("{} features", a.network));
+    let pb = super::progress_bar((samples.len() + real.len()) as u64, &format!("{} features", a.network), "images");
     let mut done = 0usize;
     let mut feats = |files: &[PathBuf]| -> Result<tch::Tensor> {
         let mut out = Vec::new();

@@ -116,3 +116,14 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::run(a),
     }
 }
+
+/// A progress bar on stderr: `prefix [bar] pos/len unit [elapsed<eta] message`.
+fn progress_bar(len: u64, prefix: &str, unit: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    let template = format!("{{prefix}} {{wide_bar}} {{pos}}/{{len}} {unit} [{{elapsed}}<{{eta}}] {{msg}}");
+    if let Ok(style) = indicatif::ProgressStyle::with_template(&template) {
+        bar.set_style(style);
+    }
+    bar.set_prefix(prefix.to_string());
+    bar
+}

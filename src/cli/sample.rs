@@ -197,16 +197,6 @@ fn write_manifest(out: &Path, settings: &Value, jobs: &[Job]) -> Result<()> {
     std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))
 }
 
-fn bar(n: u64, what: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(n);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{prefix} {wide_bar} {pos}/{len} images [{elapsed}<{eta}] {msg}")
-            .expect("valid template"),
-    );
-    bar.set_prefix(what.to_string());
-    bar
-}
-
 /// Samples the jobs in batches; `write` stores each image of a batch.
 fn run_jobs(
     s: &Setup,
@@ -232,7 +222,7 @@ fn run_jobs(
     if todo.len() < jobs.len() {
         eprintln!("{} of {} images already in {}", jobs.len() - todo.len(), jobs.len(), c.output.display());
     }
-    let pb = bar(todo.len() as u64, what);
+    let pb = super::progress_bar(todo.len() as u64, what, "images");
     for chunk in todo.chunks(c.batch_size) {
         let seeds: Vec<i64> = chunk.iter().map(|j| j.seed).collect();
         let flair = match chunk[0].flair {
