@@ -14,7 +14,7 @@ CONFIGS ?= configs/demo
 RUNS ?= runs
 MEDGEN := ./target/release/medgen
 
-.PHONY: setup build fixtures test demo data train sample evaluate clean-fixtures
+.PHONY: setup build fixtures test demo data train sample evaluate bench clean-fixtures
 
 setup: $(STAMP)
 
@@ -111,6 +111,10 @@ demo: DEVICE = cpu
 demo: train
 	$(MAKE) --no-print-directory sample evaluate RUNS=$(RUNS) DEVICE=$(DEVICE)
 	@echo "medgen demo: report in $(RUNS)/report.md"
+
+# medgen against the Python MONAI reference, side by side on this machine: bench/results.md.
+bench: build
+	$(VPY) bench/run.py --medgen $(MEDGEN) --python $(VPY) --out bench
 
 clean-fixtures:
 	rm -rf $(FIXTURES)
