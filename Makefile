@@ -113,8 +113,11 @@ demo: train
 	@echo "medgen demo: report in $(RUNS)/report.md"
 
 # medgen against the Python MONAI reference, side by side on this machine: bench/results.md.
+# The preprocessing row reads 10 synthetic subjects of its own (the same generator and seed as `make data`).
+BENCH_RAW := target/bench/raw
 bench: build
-	$(VPY) bench/run.py --medgen $(MEDGEN) --python $(VPY) --out bench
+	$(MEDGEN) synth --nilearn-wheel $(NILEARN_WHEEL) --output $(BENCH_RAW) --subjects 10 --seed 0 --resume
+	$(VPY) bench/run.py --medgen $(MEDGEN) --python $(VPY) --raw $(BENCH_RAW) --out bench $(BENCH_ARGS)
 
 clean-fixtures:
 	rm -rf $(FIXTURES)

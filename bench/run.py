@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shlex
 import statistics
 import subprocess
@@ -53,7 +54,7 @@ def row(rid, case, opts, reps, warmup, label, work):
     return {"id": rid, "case": case, "opts": opts, "reps": reps, "warmup": warmup, "label": label, "work": work}
 
 
-def build_rows(quick, have_raw, main_rounds, scale_rounds):
+def build_rows(quick, raw, main_rounds, scale_rounds):
     """(main rows, scale rows): scale rows that repeat a main row reuse its measurement.
 
     Budget (2 cores): the process-to-process spread on this kind of machine is larger than the rep-to-rep one, so
@@ -82,9 +83,9 @@ def build_rows(quick, have_raw, main_rounds, scale_rounds):
                     "demo configs, 200 DDIM steps, batch 1"))
     main.append(row("sample-demo-s200-b8", "sample", {**sample, "steps": 200, "batch": 8}, 1, 0, "sample",
                     "demo configs, 200 DDIM steps, batch 8"))
-    if have_raw:
-        main.append(row("preprocess-n10", "preprocess", {"input": RAW, "n": 10}, 3, 1, "preprocess",
-                        f"first 10 T1w/FLAIR pairs of {RAW}"))
+    if raw:
+        main.append(row("preprocess-n10", "preprocess", {"input": raw, "n": 10}, 3, 1, "preprocess",
+                        f"first 10 T1w/FLAIR pairs of {raw}"))
     n_div = 10 if quick else 40
     main.append(row("diversity-n40", "diversity", {"n": n_div}, 1, 1, "diversity",
                     f"MS-SSIM over all pairs of {n_div} random 160x224 images"))
@@ -129,8 +130,24 @@ def tail(text, n=1500):
     return text if len(text) <= n else "..." + text[-n:]
 
 
+def busy_cpu_s():
+    """CPU seconds the whole machine has been busy (all CPUs, /proc/stat), or None."""
+    try:
+        f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal ...: everything but idle and iowait
+    return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s():
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def run_one(impl, r, exe, threads, timeout):
     cmd = command(impl, r, exe, threads)
+    busy0, own0 = busy_cpu_s(), children_cpu_s()
     t0 = time.perf_counter()
     rec = {"row": r["id"], "impl": impl, "cmd": " ".join(shlex.quote(c) for c in cmd)}
     try:
@@ -143,6 +160,12 @@ def run_one(impl, r, exe, threads, timeout):
         return rec
     rec["wall_s"] = time.perf_counter() - t0
     rec["rc"] = p.returncode
+    busy1, own1 = busy_cpu_s(), children_cpu_s()
+    if busy0 is not None and busy1 is not None:
+        # CPU time other processes took while this one ran, as a fraction of the machine: > ~0.1 means the
+        # measurement was disturbed (a build, another benchmark)
+        rec["cpu_s"] = own1 - own0
+        rec["others_cpu_frac"] = max(0.0, (busy1 - busy0) - (own1 - own0)) / (rec["wall_s"] * (os.cpu_count() or 1))
     lines = [l for l in p.stdout.splitlines() if l.strip()]
     out = None
     if p.returncode == 0 and lines:
@@ -192,7 +215,8 @@ def summarize(records):
                      "median_per_unit_s": statistics.median(times) / units,
                      "peak_rss_mb": max(o["peak_rss_mb"] for o in ok),
                      "import_rss_mb": max((o.get("import_rss_mb") or 0) for o in ok) or None,
-                     "process_wall_s": sum(r["wall_s"] for r in recs), "errors": errors}
+                     "process_wall_s": sum(r["wall_s"] for r in recs), "errors": errors,
+                     "others_cpu_frac_max": max((r.get("others_cpu_frac", 0.0) for r in recs), default=0.0)}
     m, p = out["medgen"], out["python"]
     if "median_s" in m and "median_s" in p:
         out["ratio"] = p["median_s"] / m["median_s"]
@@ -362,6 +386,18 @@ def write_report(out_dir, meta, main, scale, results):
             if "error" in s[impl]:
                 failures.append((r["id"], impl, s[impl]["error"]))
     md.append("")
+    disturbed = []
+    for rid, s in results.items():
+        worst = max((s[i].get("others_cpu_frac_max") or 0.0) for i in IMPLS)
+        if worst > 0.1:
+            disturbed.append(f"`{rid}` ({worst:.0%})")
+    if disturbed:
+        md.append("**Disturbed measurements**: other processes took more than 10% of the machine's CPU time while "
+                  "these rows ran (the highest share in parentheses; see `others_cpu_frac` in results.json): "
+                  + ", ".join(disturbed) + ".\n")
+    else:
+        md.append("No measurement was disturbed: no other process took more than 10% of the machine's CPU time "
+                  "while one ran (`others_cpu_frac` in results.json).\n")
 
     if scale:
         md.append("## Scale curves (demo configs)\n")
@@ -429,6 +465,7 @@ def main():
     ap.add_argument("--only", help="regex: run only the rows whose id matches")
     ap.add_argument("--impls", default="medgen,python", help="comma-separated subset of medgen,python")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per process")
+    ap.add_argument("--raw", default=RAW, help="raw data set root (sub-*/ses-01/anat/*.nii.gz) for the preprocess row")
     a = ap.parse_args()
     rounds = a.rounds or (1 if a.quick else 3)
     scale_rounds = a.scale_rounds or (1 if a.quick else 2)
@@ -438,13 +475,14 @@ def main():
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
-    have_raw = (ROOT / RAW).is_dir() and any(p.is_dir() for p in (ROOT / RAW).iterdir())
+    raw = ROOT / a.raw
+    have_raw = raw.is_dir() and any(p.is_dir() for p in raw.iterdir())
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine_info(a.python), "threads": a.threads, "rounds": rounds, "scale_rounds": scale_rounds,
             "quick": a.quick,
             "medgen": a.medgen, "python": a.python, "load_start": loadavg(), "notes": []}
     if not have_raw:
-        note = f"preprocess skipped: no subject folders in {RAW} (run `make data`)"
+        note = f"preprocess skipped: no subject folders in {a.raw} (`make bench` synthesises them)"
         log(f"note: {note}")
         meta["notes"].append(note)
     if "medgen" in impls:
@@ -452,7 +490,7 @@ def main():
         if why:
             log(f"note: medgen not benchmarked: {why}")
             meta["medgen_unavailable"] = why
-    main_rows, scale = build_rows(a.quick, have_raw, rounds, scale_rounds)
+    main_rows, scale = build_rows(a.quick, a.raw if have_raw else None, rounds, scale_rounds)
     todo, seen = [], set()
     for r in main_rows + [s[2] for s in scale]:
         if r["id"] not in seen and (not a.only or re.search(a.only, r["id"])):
@@ -496,7 +534,8 @@ def main():
                     if "result" in rec:
                         ts = rec["result"]["times_s"]
                         log(f"    {impl}: median {fmt_t(statistics.median(ts))} over {len(ts)} reps, "
-                            f"peak RSS {rec['result']['peak_rss_mb']:.0f} MiB, process {rec['wall_s']:.1f} s")
+                            f"peak RSS {rec['result']['peak_rss_mb']:.0f} MiB, process {rec['wall_s']:.1f} s, "
+                            f"others' CPU {rec.get('others_cpu_frac', float('nan')):.0%}")
                     else:
                         log(f"    {impl} FAILED ({rec['wall_s']:.1f} s): {rec['error'][-300:]}")
                 records.append(rec)
