@@ -59,19 +59,45 @@ pub struct Args {
     warmup: usize,
     #[arg(long, default_value_t = 2)]
     threads: i32,
+    /// Which library's networks to build: `generative` (monai-generative 0.2, what the reference scripts and
+    /// bench/reference.py run) or `monai` (MONAI core >= 1.4, what `medgen train` builds from scratch). They
+    /// differ in small ops (F.silu or x*sigmoid(x) in the ControlNet's conditioning embedding, baddbmm or
+    /// einsum attention), so a like-for-like timing needs the same one on both sides.
+    #[arg(long, value_enum, default_value_t = Naming::Generative)]
+    naming: Naming,
     #[arg(long, default_value_t = 160)]
     height: i64,
     #[arg(long, default_value_t = 224)]
     width: i64,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Naming {
+    Generative,
+    Monai,
+}
+
+impl Naming {
+    fn generation(self) -> crate::checkpoint::Generation {
+        match self {
+            Naming::Generative => crate::checkpoint::Generation::Generative,
+            Naming::Monai => crate::checkpoint::Generation::Monai,
+        }
+    }
+}
+
 /// Peak resident memory of this process (VmHWM), in MiB.
 fn peak_rss_mb() -> f64 {
+    status_mb("VmHWM:")
+}
+
+/// A memory line of /proc/self/status, in MiB (NaN where there is none).
+fn status_mb(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
         })
         .map_or(f64::NAN, |kb| kb / 1024.0)
@@ -85,6 +111,9 @@ fn need<'a>(p: &'a Option<PathBuf>, flag: &str) -> Result<&'a Path> {
 type Rep<'a> = Box<dyn FnMut() -> Result<()> + 'a>;
 
 pub fn run(a: Args) -> Result<()> {
+    // What the process holds before any work: libtorch and the CUDA libraries it links are loaded at start
+    // (the Python side's `import_rss_mb` is the same figure after its imports).
+    let start_rss = status_mb("VmRSS:");
     tch::set_num_threads(a.threads);
     tch::manual_seed(0);
     let dev = Device::Cpu;
@@ -97,7 +126,7 @@ pub fn run(a: Args) -> Result<()> {
             let path = need(&a.config, "--config")?;
             let cfg = read_json(path)?;
             let ae_vs = VarStore::new(dev);
-            let ae = AutoencoderKL::new(&ae_vs.root(), &config::aekl_config(path)?, crate::checkpoint::Generation::Monai)?;
+            let ae = AutoencoderKL::new(&ae_vs.root(), &config::aekl_config(path)?, a.naming.generation())?;
             let d_vs = VarStore::new(dev);
             let d_cfg: PatchDiscriminatorConfig = serde_json::from_value(model_params(&cfg, "discriminator"))?;
             let disc = PatchDiscriminator::new(&d_vs.root(), &d_cfg)?;
@@ -130,14 +159,14 @@ pub fn run(a: Args) -> Result<()> {
                 (need(&a.config, "--config")?, None)
             };
             let ae_vs = VarStore::new(dev);
-            let ae = AutoencoderKL::new(&ae_vs.root(), &config::aekl_config(stage1)?, crate::checkpoint::Generation::Monai)?;
+            let ae = AutoencoderKL::new(&ae_vs.root(), &config::aekl_config(stage1)?, a.naming.generation())?;
             let u_vs = VarStore::new(dev);
             let ucfg = config::unet_config(unet_path)?;
-            let unet = DiffusionModelUNet::new(&u_vs.root(), &ucfg, crate::checkpoint::Generation::Monai)?;
+            let unet = DiffusionModelUNet::new(&u_vs.root(), &ucfg, a.naming.generation())?;
             let cn = match cn_path {
                 Some(p) => {
                     let vs = VarStore::new(dev);
-                    let net = ControlNet::new(&vs.root(), &config::controlnet_config(p)?, crate::checkpoint::Generation::Monai)?;
+                    let net = ControlNet::new(&vs.root(), &config::controlnet_config(p)?, a.naming.generation())?;
                     Some((vs, net))
                 }
                 None => None,
@@ -174,10 +203,10 @@ pub fn run(a: Args) -> Result<()> {
             let cp = need(&a.controlnet_config, "--controlnet-config")?;
             let vs = VarStore::new(dev);
             let ucfg = config::unet_config(lp)?;
-            let unet = DiffusionModelUNet::new(&(vs.root() / "unet"), &ucfg, crate::checkpoint::Generation::Monai)?;
-            let net = ControlNet::new(&(vs.root() / "cn"), &config::controlnet_config(cp)?, crate::checkpoint::Generation::Monai)?;
+            let unet = DiffusionModelUNet::new(&(vs.root() / "unet"), &ucfg, a.naming.generation())?;
+            let net = ControlNet::new(&(vs.root() / "cn"), &config::controlnet_config(cp)?, a.naming.generation())?;
             let ae = match &a.stage1_config {
-                Some(p) => Some(AutoencoderKL::new(&(vs.root() / "ae"), &config::aekl_config(p)?, crate::checkpoint::Generation::Monai)?),
+                Some(p) => Some(AutoencoderKL::new(&(vs.root() / "ae"), &config::aekl_config(p)?, a.naming.generation())?),
                 None => None,
             };
             let f = ae.as_ref().map_or(8, |ae| 1i64 << (ae.config().channels.len() - 1));
@@ -272,7 +301,9 @@ pub fn run(a: Args) -> Result<()> {
             let images = Tensor::rand([a.n as i64, 1, h, w], (Kind::Float, dev));
             let n = a.n;
             let rep = move || -> Result<()> { ms_ssim_diversity(&images, &SsimConfig::reference()).map(|_| ()) };
-            (Box::new(rep), n * (n - 1) / 2, "pair")
+            // Counted as the reference counts (ordered pairs); MS-SSIM is symmetric, so medgen computes each
+            // unordered pair once.
+            (Box::new(rep), n * (n - 1), "pair")
         }
     };
     for _ in 0..a.warmup {
@@ -286,9 +317,9 @@ pub fn run(a: Args) -> Result<()> {
     }
     let out = json!({
         "case": clap::ValueEnum::to_possible_value(&a.case).map(|v| v.get_name().to_string()), "impl": "medgen", "times_s": times, "units_per_rep": units, "unit": unit,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(), "import_rss_mb": start_rss,
         "params": {"config": a.config, "ldm_config": a.ldm_config, "controlnet_config": a.controlnet_config,
-                   "stage1_config": a.stage1_config, "batch": b, "steps": a.steps, "n": a.n, "threads": a.threads,
+                   "stage1_config": a.stage1_config, "naming": format!("{:?}", a.naming).to_lowercase(), "batch": b, "steps": a.steps, "n": a.n, "threads": a.threads,
                    "height": h, "width": w},
     });
     println!("{out}");

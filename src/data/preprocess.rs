@@ -5,7 +5,7 @@
 //! crop in float32, `* 255` truncated to u8. Where the reference would crash or write garbage
 //! (no FLAIR, a volume smaller than the crop, a constant or non-finite crop, an unreadable file)
 //! the volume is skipped with its reason instead, and the run goes on.
-use crate::data::volume::{read_volume, temporary_path};
+use crate::data::volume::{temporary_path, SliceReader};
 use anyhow::{bail, ensure, Context, Result};
 use image::codecs::png::PngEncoder;
 use image::{ExtendedColorType, ImageEncoder};
@@ -552,19 +552,22 @@ fn process(job: &Job, crop: &Crop) -> Result<(), (SkipKind, String)> {
     })
 }
 
-/// Reads a volume, checks the crop fits, and scales the crop (`normalize`); returns its full shape.
+/// Reads the crop's slices of a volume (after checking the crop fits) and scales the crop
+/// (`normalize`); returns the volume's full shape.
 fn load_scaled(path: &Path, crop: &Crop) -> Result<([usize; 3], Array3<u8>), (SkipKind, String)> {
-    let volume = read_volume(path).map_err(|e| (SkipKind::Unreadable, format!("{e:#}")))?;
-    let shape = volume.dims();
+    let unreadable = |e: anyhow::Error| (SkipKind::Unreadable, format!("{e:#}"));
+    let reader = SliceReader::open(path).map_err(unreadable)?;
+    let shape = reader.dims();
     if !crop.fits(shape) {
         let need = crop.min_shape();
         let reason =
             format!("{} has shape {shape:?}, smaller than the crop {crop} (needs at least {need:?})", path.display());
         return Err((SkipKind::TooSmall, reason));
     }
-    let scaled = normalize(&volume.data, crop).map_err(|(kind, reason)| {
+    let slope = reader.header.scl_slope;
+    let slab = reader.read_slices(crop.slices.start, crop.slices.end).map_err(unreadable)?;
+    let scaled = normalize_slab(slab.view(), crop).map_err(|(kind, reason)| {
         // nibabel reads a file whose scl_slope is NaN or infinite unscaled; volume.rs applies it.
-        let slope = volume.header.scl_slope;
         let note = if kind == SkipKind::NonFinite && !slope.is_finite() {
             format!(" (its scl_slope is {slope}, which nibabel would ignore)")
         } else {
@@ -579,9 +582,12 @@ fn load_scaled(path: &Path, crop: &Crop) -> Result<([usize; 3], Array3<u8>), (Sk
 /// cast to float32, `(x - min) / (max - min)` and `* 255` in float32, truncated to u8 as numpy's
 /// `astype(uint8)` does for values in [0, 255]. The crop must fit (`Crop::min_shape`).
 pub fn normalize(data: &Array3<f64>, crop: &Crop) -> Result<Array3<u8>, (SkipKind, String)> {
-    let x = data
-        .slice(s![crop.rows.start..crop.rows.end, crop.cols.start..crop.cols.end, crop.slices.start..crop.slices.end])
-        .mapv(|v| v as f32);
+    normalize_slab(data.slice(s![.., .., crop.slices.start..crop.slices.end]), crop)
+}
+
+/// [`normalize`] of the crop's slices alone (`slab[:, :, 0]` is slice `crop.slices.start`).
+fn normalize_slab(slab: ndarray::ArrayView3<f64>, crop: &Crop) -> Result<Array3<u8>, (SkipKind, String)> {
+    let x = slab.slice(s![crop.rows.start..crop.rows.end, crop.cols.start..crop.cols.end, ..]).mapv(|v| v as f32);
     let (mut lo, mut hi, mut bad) = (f32::INFINITY, f32::NEG_INFINITY, 0usize);
     let mut first_bad = None;
     for (idx, &v) in x.indexed_iter() {

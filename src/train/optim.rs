@@ -126,6 +126,10 @@ pub struct Adam {
     config: AdamConfig,
     params: Vec<Param>,
     id: u64,
+    /// Room for the update's two intermediates (PyTorch allocates them per parameter and step): reused across
+    /// parameters, so a step allocates nothing. Large fresh buffers are page faults and zeroed pages, which cost
+    /// as much as the arithmetic on a CPU.
+    scratch: Option<Tensor>,
 }
 
 /// The trainable variables of a store with their names, in creation order (the order of PyTorch's
@@ -172,7 +176,7 @@ impl Adam {
         }
         let params =
             params.into_iter().map(|(name, tensor)| Param { name, tensor, state: None, zeroed: None }).collect();
-        Ok(Self { config, params, id: NEXT_ID.fetch_add(1, Ordering::Relaxed) })
+        Ok(Self { config, params, id: NEXT_ID.fetch_add(1, Ordering::Relaxed), scratch: None })
     }
 
     /// Every trainable variable of the store (see [`named_trainable_variables`]).
@@ -229,8 +233,23 @@ impl Adam {
     pub fn step(&mut self) -> Result<()> {
         let _guard = tch::no_grad_guard();
         let config = self.config;
-        for p in &mut self.params {
-            let Some(grad) = p.live_grad()? else { continue };
+        let Self { params, scratch, .. } = self;
+        for i in 0..params.len() {
+            let Some(grad) = params[i].live_grad()? else { continue };
+            let (kind, device) = (params[i].tensor.kind(), params[i].tensor.device());
+            let fits = scratch.as_ref().is_some_and(|s| s.kind() == kind && s.device() == device);
+            if !fits {
+                // Sized once for the largest parameter of this kind and device.
+                let largest = params
+                    .iter()
+                    .filter(|q| q.tensor.kind() == kind && q.tensor.device() == device)
+                    .map(|q| q.tensor.numel() as i64)
+                    .max()
+                    .unwrap_or(0);
+                *scratch = Some(Tensor::f_empty([2, largest], (kind, device))?);
+            }
+            let scratch = scratch.as_ref().expect("allocated above");
+            let p = &mut params[i];
             let name = &p.name;
             ensure!(
                 grad.size() == p.tensor.size(),
@@ -242,7 +261,10 @@ impl Adam {
                 p.state = Some(ParamState::zeros(&p.tensor, config.amsgrad)?);
             }
             let state = p.state.as_mut().expect("initialised above");
-            adam_update(&config, &mut p.tensor, &grad, state).with_context(|| format!("Adam step of {name:?}"))?;
+            let (numel, shape) = (p.tensor.numel() as i64, p.tensor.size());
+            let tmp = [0, 1].map(|j| scratch.get(j).narrow(0, 0, numel).view(shape.as_slice()));
+            adam_update(&config, &mut p.tensor, &grad, state, &tmp)
+                .with_context(|| format!("Adam step of {name:?}"))?;
         }
         Ok(())
     }
@@ -402,7 +424,9 @@ impl ParamState {
 /// tensor op is the one PyTorch calls, with its rounding. tch has no `value=` for `addcmul_`/`addcdiv_`: the scalar
 /// is applied to the first factor beforehand, which rounds exactly as the kernels (`self + value * t1 * t2`,
 /// `self + value * t1 / t2`) do.
-fn adam_update(cfg: &AdamConfig, param: &mut Tensor, grad: &Tensor, s: &mut ParamState) -> Result<()> {
+/// `tmp`: two tensors shaped as `param`, overwritten (the intermediates go there instead of fresh buffers; the
+/// kernels and so the rounding are the same).
+fn adam_update(cfg: &AdamConfig, param: &mut Tensor, grad: &Tensor, s: &mut ParamState, tmp: &[Tensor; 2]) -> Result<()> {
     let (beta1, beta2) = cfg.betas;
     s.step += 1.0;
     let mut grad = grad.shallow_clone();
@@ -415,7 +439,7 @@ fn adam_update(cfg: &AdamConfig, param: &mut Tensor, grad: &Tensor, s: &mut Para
     }
     let _ = s.exp_avg.f_lerp_(&grad, 1.0 - beta1)?;
     let _ = s.exp_avg_sq.f_mul_scalar_(beta2)?;
-    let _ = s.exp_avg_sq.f_addcmul_(&grad.f_mul_scalar(1.0 - beta2)?, &grad)?;
+    let _ = s.exp_avg_sq.f_addcmul_(&grad.f_mul_scalar_out(&tmp[0], 1.0 - beta2)?, &grad)?;
 
     let step = f64::from(s.step);
     let bias_correction1 = 1.0 - beta1.powf(step);
@@ -432,9 +456,10 @@ fn adam_update(cfg: &AdamConfig, param: &mut Tensor, grad: &Tensor, s: &mut Para
         }
         None => &s.exp_avg_sq,
     };
-    let mut denom = second.f_sqrt()?.f_div_scalar(bias_correction2_sqrt)?;
+    let mut denom = second.f_sqrt_out(&tmp[0])?;
+    let _ = denom.f_div_scalar_(bias_correction2_sqrt)?;
     let _ = denom.f_add_scalar_(cfg.eps)?;
-    let _ = param.f_addcdiv_(&s.exp_avg.f_mul_scalar(-step_size)?, &denom)?;
+    let _ = param.f_addcdiv_(&s.exp_avg.f_mul_scalar_out(&tmp[1], -step_size)?, &denom)?;
     Ok(())
 }
 
