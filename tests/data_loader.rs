@@ -161,3 +161,41 @@ fn bad_data_is_named() {
     let e = DataLoader::new(read_list(&no_flair).unwrap(), LoaderConfig { with_flair: true, ..Default::default() });
     assert!(format!("{:#}", e.err().unwrap()).contains("no flair"));
 }
+
+/// Data-parallel shards (torch's DistributedSampler layout): disjoint, together the whole epoch
+/// (padded by repeating its start), each epoch reshuffled from the shared seed, and the ranks' k-th
+/// batches together are the k-th batch of one process with world_size times the batch size.
+#[test]
+fn shards_partition_each_epoch_like_distributed_sampler() {
+    let records: Vec<medgen::data::loader::PairRecord> = (0..11)
+        .map(|i| medgen::data::loader::PairRecord { t1w: format!("t{i}.png").into(), flair: None })
+        .collect();
+    let cfg = |batch: usize, shard| LoaderConfig { batch_size: batch, seed: 9, shard, ..Default::default() };
+    for world in [2usize, 3, 4] {
+        let whole = DataLoader::new(records.clone(), cfg(2 * world, None)).unwrap();
+        for epoch in 0..3u64 {
+            let order = whole.order(epoch);
+            let shards: Vec<Vec<usize>> = (0..world)
+                .map(|r| DataLoader::new(records.clone(), cfg(2, Some((r, world)))).unwrap().order(epoch))
+                .collect();
+            let per = 11usize.div_ceil(world);
+            assert!(shards.iter().all(|s| s.len() == per), "world {world}");
+            let mut seen: Vec<usize> = shards.concat();
+            seen.sort();
+            let mut expected: Vec<usize> = order.iter().chain(order.iter().take(per * world - 11)).copied().collect();
+            expected.sort();
+            assert_eq!(seen, expected, "world {world} epoch {epoch}: not a partition of the padded order");
+            for k in 0..per.div_ceil(2) {
+                let mut together: Vec<usize> = shards.iter().flat_map(|s| s.chunks(2).nth(k).unwrap().to_vec()).collect();
+                together.sort();
+                let padded: Vec<usize> = (0..per * world).map(|i| order[i % 11]).collect();
+                let mut one: Vec<usize> = padded.chunks(2 * world).nth(k).unwrap().to_vec();
+                one.sort();
+                assert_eq!(together, one, "world {world} epoch {epoch} batch {k}");
+            }
+        }
+        let a = DataLoader::new(records.clone(), cfg(2, Some((0, world)))).unwrap();
+        assert_ne!(a.order(0), a.order(1), "no reshuffle between epochs");
+    }
+    assert!(DataLoader::new(records, cfg(2, Some((2, 2)))).is_err());
+}

@@ -5,6 +5,7 @@ mod encode_prompt;
 mod eval;
 mod forward;
 mod inspect;
+mod launch;
 mod preprocess;
 mod sample;
 mod synth;
@@ -39,6 +40,8 @@ pub enum Command {
     Synth(synth::Args),
     /// Train a stage: the AutoencoderKL, the LDM or the ControlNet.
     Train(train::Args),
+    /// Run a medgen command as one data-parallel job of N local processes (as torchrun does).
+    Launch(launch::Args),
     /// Sample T1w slices from the LDM, or translate FLAIR slices to T1w with the ControlNet.
     Sample(sample::Args),
     /// Time one operation as bench/reference.py times the Python reference (for `make bench`).
@@ -111,6 +114,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Preprocess(a) => preprocess::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Train(a) => train::run(a),
+        Command::Launch(a) => launch::run(a),
         Command::Sample(a) => sample::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Bench(a) => bench::run(a),

@@ -1,7 +1,7 @@
 use crate::amp::Precision;
 use crate::device;
 use crate::train::stages::{train_aekl, train_controlnet, train_ldm, TrainInputs};
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use clap::ValueEnum;
 use std::path::PathBuf;
 
@@ -57,10 +57,22 @@ pub struct Args {
     /// Stop after this many optimiser steps, with a checkpoint (as an interruption would).
     #[arg(long)]
     max_steps: Option<u64>,
+    /// Data-parallel jobs (launched by `medgen launch`, torchrun, mpirun or srun): seconds to wait
+    /// for the other processes at the rendezvous and in any collective before failing.
+    #[arg(long, default_value_t = 300.0)]
+    dist_timeout: f64,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let device = device::parse(&a.device)?;
+    let mut device = device::parse(&a.device)?;
+    if let Some(env) = crate::distributed::DistEnv::from_env()? {
+        // One GPU per process, as torchrun jobs: cuda means cuda:LOCAL_RANK.
+        if device.is_cuda() {
+            device = tch::Device::Cuda(env.local_rank);
+        }
+        ensure!(a.dist_timeout > 0.0, "--dist-timeout must be positive");
+        crate::distributed::init_from_env(device, std::time::Duration::from_secs_f64(a.dist_timeout))?;
+    }
     let precision = a.precision.unwrap_or(if device.is_cuda() { Precision::Fp16 } else { Precision::Fp32 });
     let inputs = TrainInputs {
         config: a.config,

@@ -85,6 +85,12 @@ pub struct LoaderConfig {
     pub seed: u64,
     /// Batches decoded ahead of the consumer.
     pub prefetch: usize,
+    /// Data-parallel training: `(rank, world_size)`. Each epoch's order (the same on every rank)
+    /// is padded to a multiple of `world_size` by repeating its start, and rank `r` takes positions
+    /// `r, r + world_size, ...`, as torch's DistributedSampler: the shards are disjoint, and the
+    /// ranks' k-th batches together are the k-th batch of one process with `world_size` times the
+    /// batch size.
+    pub shard: Option<(usize, usize)>,
 }
 
 impl Default for LoaderConfig {
@@ -98,6 +104,7 @@ impl Default for LoaderConfig {
             context_dropout: 0.0,
             seed: 42,
             prefetch: 2,
+            shard: None,
         }
     }
 }
@@ -149,6 +156,9 @@ impl DataLoader {
         ensure!(cfg.batch_size > 0, "batch_size must be positive");
         ensure!(!records.is_empty(), "the list is empty");
         ensure!((0.0..=1.0).contains(&cfg.context_dropout), "context_dropout must be in [0, 1]");
+        if let Some((rank, world)) = cfg.shard {
+            ensure!(world > 0 && rank < world, "shard {rank} of {world} does not exist");
+        }
         if cfg.with_flair {
             if let Some(i) = records.iter().position(|r| r.flair.is_none()) {
                 bail!("row {i} has no flair image, which ControlNet training needs");
@@ -157,8 +167,17 @@ impl DataLoader {
         Ok(Self { records: std::sync::Arc::new(records), cfg })
     }
 
+    /// Samples per epoch (of this rank's shard).
     pub fn len(&self) -> usize {
-        self.records.len()
+        match self.cfg.shard {
+            Some((_, world)) => self.records.len().div_ceil(world),
+            None => self.records.len(),
+        }
+    }
+
+    /// The same loader over the whole list (e.g. for statistics every rank must agree on).
+    pub fn unsharded(&self) -> DataLoader {
+        DataLoader { records: self.records.clone(), cfg: LoaderConfig { shard: None, ..self.cfg.clone() } }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -167,7 +186,7 @@ impl DataLoader {
 
     /// Batches per epoch.
     pub fn num_batches(&self) -> usize {
-        let (n, b) = (self.records.len(), self.cfg.batch_size);
+        let (n, b) = (self.len(), self.cfg.batch_size);
         if self.cfg.drop_last {
             n / b
         } else {
@@ -183,7 +202,13 @@ impl DataLoader {
             rng.set_stream(epoch);
             order.shuffle(&mut rng);
         }
-        order
+        match self.cfg.shard {
+            Some((rank, world)) => {
+                let total = self.len() * world;
+                (rank..total).step_by(world).map(|i| order[i % order.len()]).collect()
+            }
+            None => order,
+        }
     }
 
     /// The batches of `epoch`, decoded on a background thread `prefetch` batches ahead. A file

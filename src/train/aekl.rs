@@ -113,6 +113,7 @@ pub fn aekl_step(
         generator_loss(m, images, eps, w, adversarial)?
     };
     o.scaler_g.scale(&loss)?.backward();
+    crate::distributed::average_gradients(&o.g.grads()?)?;
     o.scaler_g.unscale_(&mut o.g)?;
     let _total_norm = o.g.clip_grad_norm(1.0)?;
     o.scaler_g.step(&mut o.g)?;
@@ -129,6 +130,7 @@ pub fn aekl_step(
             (loss_fake + loss_real) * 0.5 * w.adv_weight
         };
         o.scaler_d.scale(&d_loss)?.backward();
+        crate::distributed::average_gradients(&o.d.grads()?)?;
         o.scaler_d.unscale_(&mut o.d)?;
         let _total_norm = o.d.clip_grad_norm(1.0)?;
         o.scaler_d.step(&mut o.d)?;

@@ -29,6 +29,14 @@ pub struct TrainState {
     pub best_val_loss: Option<f64>,
     /// Anything else a stage needs to continue (e.g. the LDM scale factor).
     pub extra: BTreeMap<String, f64>,
+    /// Batches each process has trained in the current epoch (absent in checkpoints written before
+    /// data-parallel training: then `step - epoch * batches per epoch`).
+    #[serde(default)]
+    pub batches_in_epoch: Option<u64>,
+    /// Processes that trained this run up to the checkpoint (absent: 1). A resume with another
+    /// number continues the epoch where the samples seen so far end.
+    #[serde(default)]
+    pub world_size: Option<u64>,
 }
 
 /// A checkpoint's contents: named parts (`model.unet`, `optim.unet`, `scaler`, ...) and the state.

@@ -51,6 +51,7 @@ pub fn diffusion_loss(
 
 /// One optimiser step as the reference takes it: the loss under autocast, `scaler.scale(loss)
 /// .backward()`, `scaler.step(opt)`, `scaler.update()` (no unscaling, no clipping). Returns the loss.
+/// In a data-parallel job the gradients are averaged over the processes after the backward pass.
 pub fn diffusion_step(
     opt: &mut Adam,
     scaler: &mut GradScaler,
@@ -64,6 +65,7 @@ pub fn diffusion_step(
         loss()?
     };
     scaler.scale(&loss)?.backward();
+    crate::distributed::average_gradients(&opt.grads()?)?;
     scaler.step(opt)?;
     scaler.update()?;
     Ok(loss)

@@ -16,6 +16,7 @@ use super::run::{check_finite, interrupt_flag, save_curves, save_grid, seed_step
 use crate::checkpoint::{load_model, load_strict, StateDict};
 use crate::config::{self, model_params, read_json};
 use crate::data::augment::AugmentConfig;
+use crate::distributed;
 use crate::data::loader::{read_list, Batch, DataLoader, LoaderConfig};
 use crate::losses::adversarial::PatchAdversarialLoss;
 use crate::losses::perceptual::{PerceptualLoss, PerceptualLossConfig};
@@ -141,12 +142,18 @@ impl<'a> Looper<'a> {
             path.display()
         );
         self.state = ck.state.clone();
-        self.run.truncate_log(self.state.step)?;
+        if distributed::is_main() {
+            self.run.truncate_log(self.state.step)?;
+        }
         eprintln!("resuming {} at epoch {} step {}", self.stage, self.state.epoch, self.state.step);
         Ok(Some(ck))
     }
 
+    /// Rank 0 writes; the other replicas hold the same state.
     fn save(&self, parts: Vec<(&str, StateDict)>) -> Result<()> {
+        if !distributed::is_main() {
+            return Ok(());
+        }
         let mut ck = Checkpoint { state: self.state.clone(), config: self.cfg_json.clone(), ..Default::default() };
         for (name, sd) in parts {
             ck.parts.insert(name.to_string(), sd);
@@ -155,6 +162,9 @@ impl<'a> Looper<'a> {
     }
 
     fn log(&self, split: &str, values: Value) -> Result<()> {
+        if !distributed::is_main() {
+            return Ok(());
+        }
         let mut rec = json!({"stage": self.stage, "split": split, "epoch": self.state.epoch, "step": self.state.step});
         if let (Some(r), Some(v)) = (rec.as_object_mut(), values.as_object()) {
             r.extend(v.clone());
@@ -164,6 +174,9 @@ impl<'a> Looper<'a> {
 
     /// The loss curves of the run so far, one series per logged quantity of each split.
     fn plot(&self, keys: &[&str]) -> Result<()> {
+        if !distributed::is_main() {
+            return Ok(());
+        }
         let log = self.run.read_log()?;
         let mut series = Vec::new();
         for split in ["train", "val"] {
@@ -182,6 +195,9 @@ impl<'a> Looper<'a> {
     }
 
     fn bar(&self, n: u64) -> indicatif::ProgressBar {
+        if !distributed::is_main() {
+            return indicatif::ProgressBar::hidden();
+        }
         let bar = indicatif::ProgressBar::new(n);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
@@ -194,24 +210,42 @@ impl<'a> Looper<'a> {
     }
 }
 
-/// Runs the epochs. `step` trains one batch and returns its logged losses and whether the run
-/// must stop (a NaN); `validate` returns the validation loss and writes the picture; `parts`
-/// snapshots the state for a checkpoint.
+/// Runs the epochs. `step` trains one batch and returns its logged losses; `validate` returns this
+/// process's validation loss total and sample count (summed over the processes here) and writes the
+/// picture; `parts` snapshots the state for a checkpoint. With several processes every decision to
+/// stop (Ctrl-C, `max_steps`, a non-finite loss) is taken together, so no replica is left waiting.
 #[allow(clippy::type_complexity)]
 fn run_epochs(
     l: &mut Looper,
     loader: &DataLoader,
     step: &mut dyn FnMut(&Batch, u64) -> Result<Value>,
-    validate: &mut dyn FnMut(u64) -> Result<f64>,
+    validate: &mut dyn FnMut(u64) -> Result<(f64, f64)>,
     parts: &dyn Fn() -> Vec<(&'static str, StateDict)>,
     weights: &dyn Fn(&Path) -> Result<()>,
     loss_keys: &[&str],
 ) -> Result<()> {
     let interrupted = interrupt_flag();
     let per_epoch = loader.num_batches() as u64;
+    let world = distributed::world_size() as u64;
+    let seed = rank_seed(l.settings.seed);
+    let mut done_in_epoch =
+        l.state.batches_in_epoch.unwrap_or_else(|| l.state.step.saturating_sub(l.state.epoch * per_epoch));
+    let saved_world = l.state.world_size.unwrap_or(1);
+    if saved_world != world && done_in_epoch > 0 {
+        // The samples seen so far in this epoch, in batches of the new job (rounded down: a few may be seen twice).
+        let seen = done_in_epoch * saved_world;
+        done_in_epoch = seen / world;
+        if distributed::is_main() {
+            eprintln!(
+                "the checkpoint was written by {saved_world} process(es), this job has {world}: \
+                 epoch {} continues after {done_in_epoch} batches per process",
+                l.state.epoch
+            );
+        }
+    }
+    l.state.world_size = Some(world);
     while l.state.epoch < l.settings.n_epochs {
         let epoch = l.state.epoch;
-        let done_in_epoch = l.state.step - epoch * per_epoch;
         let bar = l.bar(loader.len() as u64);
         bar.set_position((done_in_epoch * l.settings.batch_size as u64).min(loader.len() as u64));
         for (i, batch) in loader.epoch(epoch).into_iter().enumerate() {
@@ -219,40 +253,86 @@ fn run_epochs(
                 continue; // trained before the checkpoint this run resumed from
             }
             let batch = batch?;
-            seed_step(l.settings.seed, l.state.step);
+            seed_step(seed, l.state.step);
             let losses = step(&batch, epoch)?;
             l.state.step += 1;
+            done_in_epoch += 1;
+            l.state.batches_in_epoch = Some(done_in_epoch);
             l.log("train", losses.clone())?;
             bar.set_message(format!("loss {:.4}", losses["loss"].as_f64().unwrap_or(f64::NAN)));
             bar.inc(batch.rows.len() as u64);
-            check_finite("the training loss", losses["loss"].as_f64().unwrap_or(f64::NAN), l.state.step)?;
+            let loss = losses["loss"].as_f64().unwrap_or(f64::NAN);
             let stop = interrupted.load(Ordering::SeqCst) || l.inputs.max_steps.is_some_and(|m| l.state.step >= m);
+            let (stop, loss) = if world > 1 {
+                let v = distributed::sum_across(&[stop as u8 as f64, (!loss.is_finite()) as u8 as f64])?;
+                (v[0] > 0.0, if v[1] > 0.0 { f64::NAN } else { loss })
+            } else {
+                (stop, loss)
+            };
+            check_finite("the training loss", loss, l.state.step)?;
             if l.state.step.is_multiple_of(l.settings.checkpoint_every.max(1)) || stop {
                 l.save(parts())?;
             }
             if stop {
                 bar.abandon_with_message("interrupted: checkpoint saved");
-                eprintln!("stopped at step {}; continue with --resume", l.state.step);
+                if distributed::is_main() {
+                    eprintln!("stopped at step {}; continue with --resume", l.state.step);
+                }
                 return Ok(());
             }
         }
         bar.finish();
         l.state.epoch += 1;
+        done_in_epoch = 0;
+        l.state.batches_in_epoch = Some(0);
         if l.state.epoch.is_multiple_of(l.settings.eval_freq.max(1)) || l.state.epoch == l.settings.n_epochs {
-            let val = validate(l.state.epoch)?;
+            let (total, n) = validate(l.state.epoch)?;
+            let sums = distributed::sum_across(&[total, n])?;
+            let val = if sums[1] > 0.0 { sums[0] / sums[1] } else { f64::NAN };
             l.log("val", json!({"loss": val}))?;
             if l.state.best_val_loss.is_none_or(|b| val <= b) {
                 l.state.best_val_loss = Some(val);
-                weights(&l.run.best())?;
+                if distributed::is_main() {
+                    weights(&l.run.best())?;
+                }
             }
             l.plot(loss_keys)?;
-            eprintln!("{} epoch {}: validation loss {val:.5}", l.stage, l.state.epoch);
+            if distributed::is_main() {
+                eprintln!("{} epoch {}: validation loss {val:.5}", l.stage, l.state.epoch);
+            }
         }
         l.save(parts())?;
     }
-    weights(&l.run.final_model())?;
+    if distributed::is_main() {
+        weights(&l.run.final_model())?;
+    }
     l.plot(loss_keys)?;
+    // Nobody leaves before rank 0 has written the final weights.
+    if let Some(g) = distributed::group() {
+        g.barrier()?;
+    }
     Ok(())
+}
+
+/// The seed of this process's random draws (noise, timesteps): the run's seed on rank 0, so a lone
+/// process draws what it always drew; another stream on each other rank, so replicas do not noise
+/// their different images identically.
+fn rank_seed(seed: u64) -> u64 {
+    match distributed::rank() as u64 {
+        0 => seed,
+        r => seed ^ r.wrapping_mul(0xD1B5_4A32_D192_ED03),
+    }
+}
+
+/// Rank 0's weights in every replica before training starts (as DDP does).
+fn sync_replicas(stores: &[&VarStore]) -> Result<()> {
+    if distributed::world_size() == 1 {
+        return Ok(());
+    }
+    let mut vars: Vec<(String, Tensor)> = stores.iter().flat_map(|vs| vs.variables()).collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let tensors: Vec<Tensor> = vars.into_iter().map(|(_, t)| t).collect();
+    tch::no_grad(|| distributed::broadcast_from_main(&tensors))
 }
 
 fn train_loader(
@@ -273,8 +353,14 @@ fn train_loader(
             context_dropout: dropout,
             seed: s.seed,
             prefetch: 2,
+            shard: shard(),
         },
     )
+}
+
+/// This process's shard of a list, in a data-parallel job.
+fn shard() -> Option<(usize, usize)> {
+    (distributed::world_size() > 1).then(|| (distributed::rank(), distributed::world_size()))
 }
 
 fn val_loader(
@@ -290,6 +376,7 @@ fn val_loader(
         shuffle: false,
         with_flair: flair,
         seed: s.seed,
+        shard: shard(),
         ..Default::default()
     };
     Ok(Some(DataLoader::new(records, cfg)?))
@@ -340,6 +427,7 @@ pub fn train_aekl(inputs: &TrainInputs) -> Result<()> {
         load_scaler(&mut o.scaler_g, ck.part("optim.g")?)?;
         load_scaler(&mut o.scaler_d, ck.part("optim.d")?)?;
     }
+    sync_replicas(&[&ae_vs, &d_vs])?;
     let adversarial = PatchAdversarialLoss::reference();
     let models = AeklModels {
         autoencoder: &ae,
@@ -365,8 +453,8 @@ pub fn train_aekl(inputs: &TrainInputs) -> Result<()> {
         Ok(serde_json::to_value(losses)?)
     };
     let run_root = l.run.root.clone();
-    let mut validate = |epoch: u64| -> Result<f64> {
-        let Some(v) = &val else { return Ok(f64::NAN) };
+    let mut validate = |epoch: u64| -> Result<(f64, f64)> {
+        let Some(v) = &val else { return Ok((0.0, 0.0)) };
         let (mut total, mut n) = (0.0, 0usize);
         let mut last = None;
         for (i, b) in v.epoch(0).into_iter().enumerate() {
@@ -379,13 +467,13 @@ pub fn train_aekl(inputs: &TrainInputs) -> Result<()> {
             n += b.rows.len();
             last = Some(images);
         }
-        if let Some(images) = last {
+        if let Some(images) = last.filter(|_| distributed::is_main()) {
             let k = images.size()[0].min(4);
             let x = images.narrow(0, 0, k);
             let rec = tch::no_grad(|| ae.reconstruct(&x))?;
             save_grid(&run_root.join(format!("reconstructions_epoch{epoch:04}.png")), &Tensor::cat(&[x, rec], 0), k)?;
         }
-        Ok(total / n.max(1) as f64)
+        Ok((total, n as f64))
     };
     let parts = || -> Vec<(&'static str, StateDict)> {
         let o = &*opts.borrow();
@@ -534,7 +622,7 @@ fn train_diffusion(inputs: &TrainInputs, controlnet_stage: bool) -> Result<()> {
             bail!("the config's scale_factor {f} differs from the one the LDM was trained with ({g})")
         }
         (None, Some(f), _) | (None, None, Some(f)) => f,
-        (None, None, None) => compute_scale_factor(&ae.model, &loader, s.seed, dev)?,
+        (None, None, None) => compute_scale_factor(&ae.model, &loader.unsharded(), s.seed, dev)?,
     };
     l.state.extra.insert("scale_factor".to_string(), scale_factor);
     eprintln!("{stage}: scale factor {scale_factor:.5}");
@@ -544,6 +632,7 @@ fn train_diffusion(inputs: &TrainInputs, controlnet_stage: bool) -> Result<()> {
         opt.load_state(ck.part("optim")?, "optim")?;
         load_scaler(&mut scaler, ck.part("optim")?)?;
     }
+    sync_replicas(&[trained_vs])?;
     let opt = std::cell::RefCell::new((opt, scaler));
     let latent_of = |images: &Tensor| -> Result<Tensor> {
         Ok(tch::no_grad(|| ae.model.encode_stage_2_inputs(images))? * scale_factor)
@@ -569,8 +658,8 @@ fn train_diffusion(inputs: &TrainInputs, controlnet_stage: bool) -> Result<()> {
         Ok(json!({"loss": f64::try_from(&loss)?}))
     };
     let run_root = l.run.root.clone();
-    let mut validate = |epoch: u64| -> Result<f64> {
-        let Some(v) = &val else { return Ok(f64::NAN) };
+    let mut validate = |epoch: u64| -> Result<(f64, f64)> {
+        let Some(v) = &val else { return Ok((0.0, 0.0)) };
         let _guard = tch::no_grad_guard();
         let (mut total, mut n) = (0.0, 0usize);
         let mut first_flair = None;
@@ -586,7 +675,7 @@ fn train_diffusion(inputs: &TrainInputs, controlnet_stage: bool) -> Result<()> {
             }
         }
         // A few samples from the model (DDIM, no guidance), decoded: people look at these.
-        if let Some((t1w, flair)) = first_flair {
+        if let Some((t1w, flair)) = first_flair.filter(|_| distributed::is_main()) {
             let k = t1w.size()[0].min(4);
             let f = 1i64 << (ae.model.config().channels.len() - 1);
             let shape = [k, ae.model.config().latent_channels, t1w.size()[2] / f, t1w.size()[3] / f];
@@ -616,7 +705,7 @@ fn train_diffusion(inputs: &TrainInputs, controlnet_stage: bool) -> Result<()> {
             }
             save_grid(&run_root.join(format!("samples_epoch{epoch:04}.png")), &Tensor::cat(&rows, 0), k)?;
         }
-        Ok(total / n.max(1) as f64)
+        Ok((total, n as f64))
     };
     let parts = || -> Vec<(&'static str, StateDict)> {
         let mut o = StateDict::new();

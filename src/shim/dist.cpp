@@ -1,0 +1,176 @@
+// PyTorch's own collective engine (c10d) for medgen's data-parallel training: a TCPStore for the
+// rendezvous (rank 0 serves it at MASTER_ADDR:MASTER_PORT, as torchrun's default), and a Gloo
+// process group (CPU tensors, and CUDA tensors through host staging) or, where this libtorch was
+// built with it and the NCCL headers were found, an NCCL one for GPUs. tch does not bind c10d; this
+// file is the whole binding, with C linkage. Every function catches C++ exceptions and returns the
+// message, so a dead peer or a timeout is a Rust error, never an abort.
+//
+// ProcessGroupGloo.hpp includes Gloo's headers, which the PyPI wheel does not ship (Gloo itself is
+// compiled into libtorch_cpu): `make setup` extracts them from Debian's libgloo-dev. Only types
+// held behind pointers come from them, nothing of Gloo's is linked from there.
+#include <ATen/ATen.h>
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/csrc/distributed/c10d/Types.hpp>
+#ifdef USE_C10D_GLOO
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#endif
+#ifdef USE_C10D_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+struct Group {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::Backend> backend;
+  std::chrono::milliseconds timeout;
+};
+
+void set_error(char* err, size_t len, const std::string& msg) {
+  if (err == nullptr || len == 0) return;
+  std::strncpy(err, msg.c_str(), len - 1);
+  err[len - 1] = '\0';
+}
+
+std::string message(const std::exception& e) {
+  if (auto* c = dynamic_cast<const c10::Error*>(&e)) return c->what_without_backtrace();
+  return e.what();
+}
+
+template <typename F>
+int guarded(char* err, size_t len, F&& f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    set_error(err, len, message(e));
+  } catch (...) {
+    set_error(err, len, "unknown C++ exception");
+  }
+  return 1;
+}
+
+bool is_loopback(const std::string& addr) {
+  return addr == "localhost" || addr.rfind("127.", 0) == 0 || addr == "::1";
+}
+
+// Launches one collective per tensor (each a bucket) before waiting on any, so the engine
+// pipelines them; then waits for all.
+template <typename Launch>
+void each_then_wait(Group* g, at::Tensor** ts, int n, Launch&& launch) {
+  std::vector<c10::intrusive_ptr<c10d::Work>> works;
+  works.reserve(n);
+  for (int i = 0; i < n; ++i) {
+    std::vector<at::Tensor> one{*ts[i]};
+    works.push_back(launch(one));
+  }
+  for (auto& w : works) w->wait(g->timeout);
+}
+
+}  // namespace
+
+extern "C" {
+
+// Which backends this build has: bit 0 Gloo, bit 1 NCCL.
+int medgen_dist_backends() {
+  int b = 0;
+#ifdef USE_C10D_GLOO
+  b |= 1;
+#endif
+#ifdef USE_C10D_NCCL
+  b |= 2;
+#endif
+  return b;
+}
+
+// Joins the group: `backend` "gloo" or "nccl". Returns a handle, or null with the reason in `err`.
+void* medgen_dist_new(const char* backend, const char* master_addr, int master_port, int rank, int world_size,
+                      double timeout_s, char* err, size_t err_len) {
+  Group* out = nullptr;
+  int rc = guarded(err, err_len, [&] {
+    const std::string name(backend), addr(master_addr);
+    const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000.0));
+    c10d::TCPStoreOptions so;
+    so.port = static_cast<std::uint16_t>(master_port);
+    so.isServer = rank == 0;
+    so.numWorkers = world_size;
+    so.waitWorkers = true;
+    so.timeout = timeout;
+    auto store = c10::make_intrusive<c10d::TCPStore>(addr, so);
+    c10::intrusive_ptr<c10d::Backend> pg;
+    if (name == "gloo") {
+#ifdef USE_C10D_GLOO
+      auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
+      // As torch.distributed: GLOO_SOCKET_IFNAME picks the interface; otherwise the host's own
+      // address, or the loopback one for a job on one machine addressed as such.
+      if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME"); ifname && *ifname) {
+        opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
+      } else if (is_loopback(addr)) {
+        opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+      } else {
+        opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+      }
+      pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world_size, opts);
+#else
+      throw std::runtime_error("this medgen was built without the Gloo headers (run `make setup`, then rebuild)");
+#endif
+    } else if (name == "nccl") {
+#ifdef USE_C10D_NCCL
+      auto opts = c10d::ProcessGroupNCCL::Options::create();
+      opts->timeout = timeout;
+      pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world_size, opts);
+#else
+      throw std::runtime_error("this medgen was built without NCCL (its headers were not found at build time)");
+#endif
+    } else {
+      throw std::runtime_error("unknown backend `" + name + "` (gloo or nccl)");
+    }
+    out = new Group{store, pg, timeout};
+  });
+  return rc == 0 ? out : nullptr;
+}
+
+void medgen_dist_free(void* g) { delete static_cast<Group*>(g); }
+
+// In-place sum of each tensor across the group (every rank passes the same shapes, in order).
+int medgen_dist_all_reduce_sum(void* g, at::Tensor** ts, int n, char* err, size_t err_len) {
+  auto* grp = static_cast<Group*>(g);
+  return guarded(err, err_len, [&] {
+    each_then_wait(grp, ts, n, [&](std::vector<at::Tensor>& one) {
+      c10d::AllreduceOptions o;
+      o.reduceOp = c10d::ReduceOp(c10d::ReduceOp::SUM);
+      o.timeout = grp->timeout;
+      return grp->backend->allreduce(one, o);
+    });
+  });
+}
+
+// Each tensor replaced by rank `root`'s.
+int medgen_dist_broadcast(void* g, at::Tensor** ts, int n, int root, char* err, size_t err_len) {
+  auto* grp = static_cast<Group*>(g);
+  return guarded(err, err_len, [&] {
+    each_then_wait(grp, ts, n, [&](std::vector<at::Tensor>& one) {
+      c10d::BroadcastOptions o;
+      o.rootRank = root;
+      o.timeout = grp->timeout;
+      return grp->backend->broadcast(one, o);
+    });
+  });
+}
+
+int medgen_dist_barrier(void* g, char* err, size_t err_len) {
+  auto* grp = static_cast<Group*>(g);
+  return guarded(err, err_len, [&] {
+    c10d::BarrierOptions o;
+    o.timeout = grp->timeout;
+    grp->backend->barrier(o)->wait(grp->timeout);
+  });
+}
+}
