@@ -32,6 +32,15 @@ use std::sync::atomic::Ordering;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
+/// `eprintln!` on rank 0 only: the replicas of a data-parallel job would all say the same.
+macro_rules! say {
+    ($($t:tt)*) => {
+        if distributed::is_main() {
+            eprintln!($($t)*)
+        }
+    };
+}
+
 /// What a training run is given besides its config.
 #[derive(Debug, Clone)]
 pub struct TrainInputs {
@@ -125,7 +134,7 @@ impl<'a> Looper<'a> {
             return Ok(None);
         }
         if !path.exists() {
-            eprintln!("no checkpoint in {}: starting from scratch", self.run.root.display());
+            say!("no checkpoint in {}: starting from scratch", self.run.root.display());
             return Ok(None);
         }
         let ck = Checkpoint::load(&path)?;
@@ -145,7 +154,7 @@ impl<'a> Looper<'a> {
         if distributed::is_main() {
             self.run.truncate_log(self.state.step)?;
         }
-        eprintln!("resuming {} at epoch {} step {}", self.stage, self.state.epoch, self.state.step);
+        say!("resuming {} at epoch {} step {}", self.stage, self.state.epoch, self.state.step);
         Ok(Some(ck))
     }
 
@@ -499,7 +508,7 @@ pub fn train_aekl(inputs: &TrainInputs) -> Result<()> {
 fn load_scaler(scaler: &mut GradScaler, part: &StateDict) -> Result<()> {
     let saved_enabled = part.metadata.get("scaler.enabled").map(String::as_str) == Some("true");
     if scaler.is_enabled() && !saved_enabled {
-        eprintln!("the checkpoint was trained without loss scaling: the fp16 loss scaler starts at its initial scale");
+        say!("the checkpoint was trained without loss scaling: the fp16 loss scaler starts at its initial scale");
         return Ok(());
     }
     scaler.load_state(part, "scaler")
@@ -589,7 +598,7 @@ fn train_diffusion(inputs: &TrainInputs, controlnet_stage: bool) -> Result<()> {
         let net = ControlNet::new(&vs.root(), &ccfg, crate::checkpoint::Generation::Monai)?;
         let (_, wp) = inputs.ldm.as_ref().expect("checked above");
         let report = ControlNet::init_from_unet(&vs, StateDict::load(wp, None)?)?;
-        eprintln!(
+        say!(
             "ControlNet initialised from the UNet: {} tensors copied, {} kept",
             report.copied.len(),
             report.missing.len()
@@ -625,7 +634,7 @@ fn train_diffusion(inputs: &TrainInputs, controlnet_stage: bool) -> Result<()> {
         (None, None, None) => compute_scale_factor(&ae.model, &loader.unsharded(), s.seed, dev)?,
     };
     l.state.extra.insert("scale_factor".to_string(), scale_factor);
-    eprintln!("{stage}: scale factor {scale_factor:.5}");
+    say!("{stage}: scale factor {scale_factor:.5}");
     let mut scaler = GradScaler::for_precision(inputs.precision)?;
     if let Some(ck) = &resumed {
         load_strict(trained_vs, ck.part("model.trained")?)?;
