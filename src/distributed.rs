@@ -10,11 +10,14 @@
 //! `MASTER_ADDR`/`MASTER_PORT` set by the job script. `medgen launch --nproc N` starts N local ones.
 //!
 //! The group is process-wide (as `torch.distributed`'s default group): [`init`] once, then the
-//! training loops ask [`rank`], [`world_size`] and call [`average_gradients`], which do nothing in
-//! a single process.
+//! training loops ask [`rank`], [`world_size`] and run their backward passes through [`backward`],
+//! which averages the gradients (overlapping the backward pass) and is a plain backward in a single
+//! process.
 use anyhow::{bail, ensure, Context, Result};
 use std::ffi::{c_char, c_void, CStr, CString};
-use std::sync::OnceLock;
+use crate::train::optim::Adam;
+use std::collections::BTreeMap;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};
 
@@ -41,10 +44,32 @@ extern "C" {
         len: usize,
     ) -> i32;
     fn medgen_dist_barrier(g: *mut c_void, err: *mut c_char, len: usize) -> i32;
+    fn medgen_reducer_new(
+        g: *mut c_void,
+        ps: *mut *mut c_void,
+        n: i32,
+        bucket_bytes: i64,
+        err: *mut c_char,
+        len: usize,
+    ) -> *mut c_void;
+    fn medgen_reducer_prepare(r: *mut c_void);
+    fn medgen_reducer_finish(r: *mut c_void, err: *mut c_char, len: usize) -> i32;
 }
 
-/// DDP's default bucket size: gradients are all-reduced in flat buffers of about this many bytes.
+/// DDP's default bucket size (`bucket_cap_mb` 25): gradients are all-reduced in flat buffers of
+/// about this many bytes. `MEDGEN_BUCKET_CAP_MB` overrides it.
 pub const BUCKET_BYTES: usize = 25 << 20;
+
+fn bucket_bytes() -> Result<i64> {
+    match var("MEDGEN_BUCKET_CAP_MB") {
+        None => Ok(BUCKET_BYTES as i64),
+        Some(v) => {
+            let mb: f64 = parse("MEDGEN_BUCKET_CAP_MB", v)?;
+            ensure!(mb > 0.0, "MEDGEN_BUCKET_CAP_MB must be positive");
+            Ok((mb * (1 << 20) as f64) as i64)
+        }
+    }
+}
 
 /// Where this process stands in the job, read from the launcher's environment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -264,43 +289,45 @@ pub fn is_main() -> bool {
     rank() == 0
 }
 
-/// Replaces each gradient by its mean over the group, in flat buckets of about [`BUCKET_BYTES`]
-/// (one collective each, all launched before the first is waited on). Nothing in a lone process.
-pub fn average_gradients(grads: &[Tensor]) -> Result<()> {
-    let Some(g) = group() else { return Ok(()) };
-    let _guard = tch::no_grad_guard();
-    let world = g.world_size as f64;
-    // Buckets hold one dtype and device; grads keep their order, so every rank builds the same buckets.
-    let mut buckets: Vec<Vec<&Tensor>> = Vec::new();
-    let mut bytes = 0usize;
-    for t in grads {
-        let size = t.numel() * t.kind().elt_size_in_bytes();
-        let fits = buckets.last().is_some_and(|b: &Vec<&Tensor>| {
-            b[0].kind() == t.kind() && b[0].device() == t.device() && bytes + size <= BUCKET_BYTES
-        });
-        if !fits {
-            buckets.push(Vec::new());
-            bytes = 0;
+/// One optimiser's gradient reducer (src/shim/dist.cpp): hooks on its parameters fill flat
+/// buckets during the backward pass and start each bucket's all-reduce as soon as it is full, so
+/// communication overlaps the rest of the backward pass. Kept for the life of the process (the
+/// hooks point at it).
+struct Reducer(*mut c_void);
+unsafe impl Send for Reducer {}
+
+static REDUCERS: Mutex<BTreeMap<u64, Reducer>> = Mutex::new(BTreeMap::new());
+
+/// `loss.backward()`, then in a data-parallel job every gradient of `opt`'s parameters is the mean
+/// over the processes (a lone process: just the backward pass). Other parameters the loss reaches
+/// keep their local gradients (e.g. the discriminator during the generator's step).
+pub fn backward(loss: &Tensor, opt: &Adam) -> Result<()> {
+    let Some(g) = group() else {
+        loss.f_backward()?;
+        return Ok(());
+    };
+    let raw = {
+        let mut reducers = REDUCERS.lock().map_err(|_| anyhow::anyhow!("a reducer panicked"))?;
+        let id = crate::train::optim::Optimizer::id(opt);
+        if let std::collections::btree_map::Entry::Vacant(e) = reducers.entry(id) {
+            let params = opt.trainable_params();
+            let mut ptrs: Vec<*mut c_void> = params.iter().map(|t| t.as_ptr() as *mut c_void).collect();
+            let mut err = vec![0 as c_char; ERR_LEN];
+            let r = unsafe {
+                medgen_reducer_new(g.raw, ptrs.as_mut_ptr(), ptrs.len() as i32, bucket_bytes()?, err.as_mut_ptr(), ERR_LEN)
+            };
+            if r.is_null() {
+                let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
+                bail!("cannot set up gradient averaging: {msg}");
+            }
+            e.insert(Reducer(r));
         }
-        buckets.last_mut().expect("pushed").push(t);
-        bytes += size;
-    }
-    let flats: Vec<Tensor> = buckets
-        .iter()
-        .map(|b| Tensor::f_cat(&b.iter().map(|t| t.f_flatten(0, -1)).collect::<Result<Vec<_>, _>>()?, 0))
-        .collect::<Result<_, _>>()?;
-    g.all_reduce_sum(&flats)?;
-    for (bucket, mut flat) in buckets.iter().zip(flats) {
-        let _ = flat.f_div_scalar_(world)?;
-        let mut at = 0i64;
-        for t in bucket {
-            let n = t.numel() as i64;
-            let mut dst = (*t).shallow_clone();
-            dst.f_copy_(&flat.f_narrow(0, at, n)?.f_view(t.size().as_slice())?)?;
-            at += n;
-        }
-    }
-    Ok(())
+        reducers[&id].0
+    };
+    unsafe { medgen_reducer_prepare(raw) };
+    loss.f_backward()?;
+    call("gradient all-reduce", |e, l| unsafe { medgen_reducer_finish(raw, e, l) })
+        .with_context(|| format!("rank {} of {}", g.rank, g.world_size))
 }
 
 /// Rank 0's values in every replica (as DDP does at construction): replicas start identical even

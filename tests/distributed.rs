@@ -92,6 +92,8 @@ fn two_processes_train_as_one_process_on_the_concatenated_batch() {
                 .env("MASTER_ADDR", "127.0.0.1")
                 .env("MASTER_PORT", &port)
                 .env("OMP_NUM_THREADS", "1")
+                // Buckets of ~10 KB: many of them, each all-reduced while the backward pass goes on.
+                .env("MEDGEN_BUCKET_CAP_MB", "0.01")
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()

@@ -19,8 +19,11 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <ATen/core/grad_mode.h>
 #include <chrono>
 #include <cstdlib>
+#include <memory>
+#include <mutex>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -173,4 +176,158 @@ int medgen_dist_barrier(void* g, char* err, size_t err_len) {
     grp->backend->barrier(o)->wait(grp->timeout);
   });
 }
+
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gradient averaging that overlaps the backward pass, as DDP's reducer does: a hook on every
+// parameter copies its gradient into a flat bucket as soon as autograd has computed it, and a
+// bucket's all-reduce starts the moment its last gradient arrives, while the backward pass goes on
+// with the earlier layers. Buckets follow the parameters in reverse order (gradients arrive
+// roughly from the last layer back). `finish` sends what never arrived (unused parameters: their
+// current gradient or zeros), waits, and writes the averages into `.grad`.
+
+namespace {
+
+struct Bucket {
+  at::Tensor flat;
+  std::vector<int> params;
+  std::vector<int64_t> offsets;
+  int pending = 0;
+  c10::intrusive_ptr<c10d::Work> work;
+};
+
+struct Reducer {
+  Group* group;
+  std::vector<at::Tensor> params;
+  std::vector<int> bucket_of, slot_of;
+  std::vector<bool> ready;
+  std::vector<Bucket> buckets;
+  bool armed = false;
+  std::mutex m;
+
+  void launch(Bucket& b) {
+    std::vector<at::Tensor> one{b.flat};
+    c10d::AllreduceOptions o;
+    o.reduceOp = c10d::ReduceOp(c10d::ReduceOp::SUM);
+    o.timeout = group->timeout;
+    b.work = group->backend->allreduce(one, o);
+  }
+
+  void put(int i, const at::Tensor& grad) {
+    at::NoGradGuard ng;
+    Bucket& b = buckets[bucket_of[i]];
+    const auto n = params[i].numel();
+    b.flat.narrow(0, b.offsets[slot_of[i]], n).copy_(grad.reshape({n}));
+  }
+
+  void on_grad(int i, const at::Tensor& grad) {
+    std::lock_guard<std::mutex> lock(m);
+    if (!armed || ready[i]) return;
+    put(i, grad);
+    ready[i] = true;
+    Bucket& b = buckets[bucket_of[i]];
+    if (--b.pending == 0) launch(b);
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+void* medgen_reducer_new(void* g, at::Tensor** ps, int n, int64_t bucket_bytes, char* err, size_t err_len) {
+  Reducer* out = nullptr;
+  int rc = guarded(err, err_len, [&] {
+    auto r = std::make_unique<Reducer>();
+    r->group = static_cast<Group*>(g);
+    for (int i = 0; i < n; ++i) r->params.push_back(*ps[i]);
+    r->bucket_of.assign(n, -1);
+    r->slot_of.assign(n, -1);
+    r->ready.assign(n, false);
+    int64_t bytes = 0;
+    for (int i = n - 1; i >= 0; --i) {
+      const auto& p = r->params[i];
+      TORCH_CHECK(p.requires_grad(), "parameter ", i, " does not require grad");
+      const int64_t size = p.numel() * static_cast<int64_t>(p.element_size());
+      bool fits = !r->buckets.empty();
+      if (fits) {
+        const auto& first = r->params[r->buckets.back().params[0]];
+        fits = first.scalar_type() == p.scalar_type() && first.device() == p.device() && bytes + size <= bucket_bytes;
+      }
+      if (!fits) {
+        r->buckets.emplace_back();
+        bytes = 0;
+      }
+      Bucket& b = r->buckets.back();
+      r->bucket_of[i] = static_cast<int>(r->buckets.size()) - 1;
+      r->slot_of[i] = static_cast<int>(b.params.size());
+      b.offsets.push_back(b.params.empty() ? 0 : b.offsets.back() + r->params[b.params.back()].numel());
+      b.params.push_back(i);
+      bytes += size;
+    }
+    for (auto& b : r->buckets) {
+      const auto& last = r->params[b.params.back()];
+      b.flat = at::zeros({b.offsets.back() + last.numel()}, last.options().requires_grad(false));
+    }
+    Reducer* raw = r.get();
+    for (int i = 0; i < n; ++i) {
+      r->params[i].register_hook([raw, i](const at::Tensor& grad) { raw->on_grad(i, grad); });
+    }
+    out = r.release();
+  });
+  return rc == 0 ? out : nullptr;
+}
+
+// Before a backward pass whose gradients are to be averaged.
+void medgen_reducer_prepare(void* rp) {
+  auto* r = static_cast<Reducer*>(rp);
+  std::lock_guard<std::mutex> lock(r->m);
+  std::fill(r->ready.begin(), r->ready.end(), false);
+  for (auto& b : r->buckets) {
+    b.pending = static_cast<int>(b.params.size());
+    b.work.reset();
+  }
+  r->armed = true;
+}
+
+// After it: every parameter's `.grad` becomes the mean over the group.
+int medgen_reducer_finish(void* rp, char* err, size_t err_len) {
+  auto* r = static_cast<Reducer*>(rp);
+  return guarded(err, err_len, [&] {
+    std::lock_guard<std::mutex> lock(r->m);
+    TORCH_CHECK(r->armed, "finish without prepare");
+    r->armed = false;
+    at::NoGradGuard ng;
+    for (auto& b : r->buckets) {
+      if (b.pending == 0) continue;
+      for (int i : b.params) {
+        if (r->ready[i]) continue;
+        const auto& g = r->params[i].grad();
+        if (g.defined()) {
+          r->put(i, g);
+        } else {
+          b.flat.narrow(0, b.offsets[r->slot_of[i]], r->params[i].numel()).zero_();
+        }
+      }
+      b.pending = 0;
+      r->launch(b);
+    }
+    const double world = static_cast<double>(r->group->backend->getSize());
+    for (auto& b : r->buckets) {
+      b.work->wait(r->group->timeout);
+      b.flat.div_(world);
+      for (size_t k = 0; k < b.params.size(); ++k) {
+        auto& p = r->params[b.params[k]];
+        auto avg = b.flat.narrow(0, b.offsets[k], p.numel()).view(p.sizes());
+        if (p.grad().defined()) {
+          p.mutable_grad().copy_(avg);
+        } else {
+          p.mutable_grad() = avg.clone();
+        }
+      }
+      b.work.reset();
+    }
+  });
+}
+// No free: the hooks hold the reducer, which lives as long as the parameters (the whole run).
 }

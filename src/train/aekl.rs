@@ -112,8 +112,7 @@ pub fn aekl_step(
         let _autocast = precision.autocast(device);
         generator_loss(m, images, eps, w, adversarial)?
     };
-    o.scaler_g.scale(&loss)?.backward();
-    crate::distributed::average_gradients(&o.g.grads()?)?;
+    crate::distributed::backward(&o.scaler_g.scale(&loss)?, &o.g)?;
     o.scaler_g.unscale_(&mut o.g)?;
     let _total_norm = o.g.clip_grad_norm(1.0)?;
     o.scaler_g.step(&mut o.g)?;
@@ -129,8 +128,7 @@ pub fn aekl_step(
             let loss_real = m.adversarial.forward(&real, true, true);
             (loss_fake + loss_real) * 0.5 * w.adv_weight
         };
-        o.scaler_d.scale(&d_loss)?.backward();
-        crate::distributed::average_gradients(&o.d.grads()?)?;
+        crate::distributed::backward(&o.scaler_d.scale(&d_loss)?, &o.d)?;
         o.scaler_d.unscale_(&mut o.d)?;
         let _total_norm = o.d.clip_grad_norm(1.0)?;
         o.scaler_d.step(&mut o.d)?;

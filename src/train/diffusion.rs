@@ -64,8 +64,7 @@ pub fn diffusion_step(
         let _autocast = precision.autocast(device);
         loss()?
     };
-    scaler.scale(&loss)?.backward();
-    crate::distributed::average_gradients(&opt.grads()?)?;
+    crate::distributed::backward(&scaler.scale(&loss)?, opt)?;
     scaler.step(opt)?;
     scaler.update()?;
     Ok(loss)

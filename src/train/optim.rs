@@ -197,6 +197,11 @@ impl Adam {
         self.config.lr = lr;
     }
 
+    /// The parameters that require grad now, in order (what a data-parallel reducer averages).
+    pub fn trainable_params(&self) -> Vec<Tensor> {
+        self.params.iter().filter(|p| p.tensor.requires_grad()).map(|p| p.tensor.shallow_clone()).collect()
+    }
+
     pub fn param_names(&self) -> impl Iterator<Item = &str> {
         self.params.iter().map(|p| p.name.as_str())
     }
