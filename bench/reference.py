@@ -48,10 +48,11 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def peak_rss_mb():
+def status_mb(field):
+    """A memory line of /proc/self/status (`VmHWM:` peak, `VmRSS:` now), in MiB; NaN where there is none."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024.0
     except OSError:
         pass
@@ -68,16 +69,6 @@ def load_torch(threads):
     torch, F = _torch, _F
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-
-
-def rss_mb():
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return float("nan")
 
 
 def need(value, flag):
@@ -379,7 +370,7 @@ def main():
         raise SystemExit("--reps must be at least 1")
     if a.case != "preprocess":
         load_torch(a.threads)
-    import_rss = rss_mb()
+    import_rss = status_mb("VmRSS:")
 
     scratch = None
     if a.case == "aekl-step":
@@ -407,7 +398,7 @@ def main():
 
     print(json.dumps({
         "case": a.case, "impl": "python", "times_s": times, "units_per_rep": units, "unit": unit,
-        "peak_rss_mb": peak_rss_mb(), "import_rss_mb": import_rss,
+        "peak_rss_mb": status_mb("VmHWM:"), "import_rss_mb": import_rss,
         "params": {"config": a.config, "ldm_config": a.ldm_config, "controlnet_config": a.controlnet_config,
                    "stage1_config": a.stage1_config, "batch": a.batch, "steps": a.steps, "n": a.n,
                    "threads": a.threads, "height": a.height, "width": a.width},

@@ -15,7 +15,7 @@ use medgen::train::diffusion::{diffusion_loss, diffusion_step};
 use medgen::train::grad_scaler::GradScaler;
 use medgen::train::optim::{Adam, AdamConfig};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -160,18 +160,17 @@ fn checkpoint_step(run: &Path) -> u64 {
     state["step"].as_u64().unwrap()
 }
 
-#[test]
-fn a_dead_rank_stops_the_job_and_the_checkpoint_resumes_with_one_process() {
-    let tmp = tempfile::tempdir().unwrap();
-    let d = tmp.path();
+/// A 2-rank AutoencoderKL job on a tiny data set in `d` (run directory `d/run`), returned once
+/// rank 0 has written its first checkpoint: (config, run directory, rank 0, rank 1).
+fn two_ranks_until_checkpointed(d: &Path, timeout_s: &str) -> (PathBuf, PathBuf, Child, Child) {
     data(d, 32);
     let [aekl, _, _] = configs(d, 400);
     let run: PathBuf = d.join("run");
     let port = free_port().to_string();
     let mut args = train_args("aekl", &aekl, d, &run);
-    args.extend(["--dist-timeout", "20"]);
+    args.extend(["--dist-timeout", timeout_s]);
     let mut r0 = rank_cmd(0, &port, &args).spawn().unwrap();
-    let mut r1 = rank_cmd(1, &port, &args).spawn().unwrap();
+    let r1 = rank_cmd(1, &port, &args).spawn().unwrap();
     let ck = run.join("checkpoint.safetensors");
     let t0 = Instant::now();
     while !ck.exists() {
@@ -179,6 +178,14 @@ fn a_dead_rank_stops_the_job_and_the_checkpoint_resumes_with_one_process() {
         assert!(r0.try_wait().unwrap().is_none(), "rank 0 ended early");
         std::thread::sleep(Duration::from_millis(50));
     }
+    (aekl, run, r0, r1)
+}
+
+#[test]
+fn a_dead_rank_stops_the_job_and_the_checkpoint_resumes_with_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let (aekl, run, mut r0, mut r1) = two_ranks_until_checkpointed(d, "20");
     std::thread::sleep(Duration::from_millis(500));
     r1.kill().unwrap();
     let _ = r1.wait();
@@ -242,21 +249,8 @@ fn launch_runs_every_stage_with_two_processes() {
 #[test]
 fn a_stuck_rank_makes_the_other_fail_within_the_timeout() {
     let tmp = tempfile::tempdir().unwrap();
-    let d = tmp.path();
-    data(d, 32);
-    let [aekl, _, _] = configs(d, 400);
-    let run: PathBuf = d.join("run");
-    let port = free_port().to_string();
-    let mut args = train_args("aekl", &aekl, d, &run);
-    args.extend(["--dist-timeout", "5"]);
-    let mut r0 = rank_cmd(0, &port, &args).spawn().unwrap();
-    let mut r1 = rank_cmd(1, &port, &args).spawn().unwrap();
-    let ck = run.join("checkpoint.safetensors");
-    let t0 = Instant::now();
-    while !ck.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint after 2 minutes");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (_, _, mut r0, mut r1) = two_ranks_until_checkpointed(tmp.path(), "5");
+    let ck = tmp.path().join("run").join("checkpoint.safetensors");
     // Frozen, not dead: its sockets stay open, so only the timeout can end rank 0's wait.
     unsafe { libc::kill(r1.id() as i32, libc::SIGSTOP) };
     let stopped = Instant::now();
