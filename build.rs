@@ -79,7 +79,10 @@ fn compile_shim(lib: &std::path::Path) {
         if cuda.join("crt/host_config.h").exists() && nccl.join("nccl.h").exists() {
             dist.include(cuda).include(nccl).define("USE_C10D_NCCL", None).define("USE_CUDA", None);
         } else {
-            println!("cargo:warning=MEDGEN_CUDA_INCLUDE has no crt/host_config.h, or no nccl.h in {}: NCCL left out", nccl.display());
+            println!(
+                "cargo:warning=MEDGEN_CUDA_INCLUDE has no crt/host_config.h, or no nccl.h in {}: NCCL left out",
+                nccl.display()
+            );
         }
     }
     dist.file("src/shim/dist.cpp").compile("medgen_dist");

@@ -13,10 +13,10 @@
 //! training loops ask [`rank`], [`world_size`] and run their backward passes through [`backward`],
 //! which averages the gradients (overlapping the backward pass) and is a plain backward in a single
 //! process.
-use anyhow::{bail, ensure, Context, Result};
-use std::ffi::{c_char, c_void, CStr, CString};
 use crate::train::optim::Adam;
+use anyhow::{bail, ensure, Context, Result};
 use std::collections::BTreeMap;
+use std::ffi::{c_char, c_void, CStr, CString};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};
@@ -114,9 +114,12 @@ impl DistEnv {
         let master_addr = var("MASTER_ADDR").with_context(|| {
             format!("{w}={world_size} but MASTER_ADDR is not set: the address of rank 0's host (torchrun sets it)")
         })?;
-        let master_port = parse("MASTER_PORT", var("MASTER_PORT").with_context(|| {
-            format!("{w}={world_size} but MASTER_PORT is not set: a free port on rank 0's host (torchrun sets it)")
-        })?)?;
+        let master_port = parse(
+            "MASTER_PORT",
+            var("MASTER_PORT").with_context(|| {
+                format!("{w}={world_size} but MASTER_PORT is not set: a free port on rank 0's host (torchrun sets it)")
+            })?,
+        )?;
         Ok(Some(Self { rank, world_size, local_rank, master_addr, master_port }))
     }
 }
@@ -314,7 +317,14 @@ pub fn backward(loss: &Tensor, opt: &Adam) -> Result<()> {
             let mut ptrs: Vec<*mut c_void> = params.iter().map(|t| t.as_ptr() as *mut c_void).collect();
             let mut err = vec![0 as c_char; ERR_LEN];
             let r = unsafe {
-                medgen_reducer_new(g.raw, ptrs.as_mut_ptr(), ptrs.len() as i32, bucket_bytes()?, err.as_mut_ptr(), ERR_LEN)
+                medgen_reducer_new(
+                    g.raw,
+                    ptrs.as_mut_ptr(),
+                    ptrs.len() as i32,
+                    bucket_bytes()?,
+                    err.as_mut_ptr(),
+                    ERR_LEN,
+                )
             };
             if r.is_null() {
                 let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();

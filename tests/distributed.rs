@@ -102,7 +102,12 @@ fn two_processes_train_as_one_process_on_the_concatenated_batch() {
         .collect();
     for c in children {
         let o = c.wait_with_output().unwrap();
-        assert!(o.status.success(), "a rank failed:\n{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "a rank failed:\n{}\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     // One process, batches of 4 = the two ranks' batches of 2 together.
     let dir = out.join("single");
@@ -124,8 +129,12 @@ fn two_processes_train_as_one_process_on_the_concatenated_batch() {
     {
         let vs = VarStore::new(Device::Cpu);
         let [_, ldm, _] = configs(&dir, 1);
-        let _u = DiffusionModelUNet::new(&vs.root(), &config::unet_config(&ldm).unwrap(), medgen::checkpoint::Generation::Monai)
-            .unwrap();
+        let _u = DiffusionModelUNet::new(
+            &vs.root(),
+            &config::unet_config(&ldm).unwrap(),
+            medgen::checkpoint::Generation::Monai,
+        )
+        .unwrap();
         let mut init: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         init.sort_by(|a, b| a.0.cmp(&b.0));
         for ((_, a), (_, b)) in init.iter().zip(&single) {
@@ -199,7 +208,11 @@ fn a_dead_rank_stops_the_job_and_the_checkpoint_resumes_with_one_process() {
     };
     let mut err = String::new();
     std::io::Read::read_to_string(r0.stderr.as_mut().unwrap(), &mut err).unwrap();
-    println!("rank 0 exited {status} {:.1} s after rank 1 was killed; its last words: {}", killed.elapsed().as_secs_f64(), err.lines().last().unwrap_or(""));
+    println!(
+        "rank 0 exited {status} {:.1} s after rank 1 was killed; its last words: {}",
+        killed.elapsed().as_secs_f64(),
+        err.lines().last().unwrap_or("")
+    );
     assert!(!status.success(), "rank 0 succeeded although its peer died");
     assert!(err.contains("error:"), "rank 0 gave no error: {err}");
     // The checkpoint rank 0 wrote resumes in a lone process.
@@ -208,7 +221,10 @@ fn a_dead_rank_stops_the_job_and_the_checkpoint_resumes_with_one_process() {
     let mut resume = train_args("aekl", &aekl, d, &run);
     resume.extend(["--resume", "--max-steps", &target]);
     let out = ok(common::run::medgen(&resume));
-    assert!(out.contains("the checkpoint was written by 2 process(es), this job has 1") || out.contains("resuming"), "{out}");
+    assert!(
+        out.contains("the checkpoint was written by 2 process(es), this job has 1") || out.contains("resuming"),
+        "{out}"
+    );
     assert_eq!(checkpoint_step(&run), step + 2);
 }
 
@@ -234,7 +250,16 @@ fn launch_runs_every_stage_with_two_processes() {
     let cn_run = runs.join("controlnet");
     let ldm_w = ldm_run.join("final_model.safetensors");
     let mut a = train_args("controlnet", &cn, d, &cn_run);
-    a.extend(["--stage1-config", s(&aekl), "--stage1-weights", s(&ae_w), "--ldm-config", s(&ldm), "--ldm-weights", s(&ldm_w)]);
+    a.extend([
+        "--stage1-config",
+        s(&aekl),
+        "--stage1-weights",
+        s(&ae_w),
+        "--ldm-config",
+        s(&ldm),
+        "--ldm-weights",
+        s(&ldm_w),
+    ]);
     launch(a);
     // 10 training rows, 5 per process, batches of 4: 2 steps per epoch, 2 epochs; one log line per step (rank 0 only).
     for run in [&aekl_run, &ldm_run, &cn_run] {

@@ -78,12 +78,14 @@ fn train_sample_evaluate_report() {
     // --skip-existing keeps what is there, and refuses a folder made with other settings.
     let msg = sample_t1w(&s1, &["--num", "4", "--batch-size", "4", "--skip-existing"]);
     assert!(msg.contains("4 of 4 images already"), "{msg}");
-    let o = medgen(&[
-        &["sample", "t1w", "--device", "cpu", "--output", s(&s1), "--skip-existing", "--steps", "2"][..],
-        &stage1,
-        &ldm_args,
-    ]
-    .concat());
+    let o = medgen(
+        &[
+            &["sample", "t1w", "--device", "cpu", "--output", s(&s1), "--skip-existing", "--steps", "2"][..],
+            &stage1,
+            &ldm_args,
+        ]
+        .concat(),
+    );
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("other settings"));
 
     // FLAIR -> T1w on the validation list: PNGs under the T1w names, comparison strips.
@@ -162,7 +164,8 @@ fn train_sample_evaluate_report() {
         "absent=/nonexistent.png",
     ]));
     let md = String::from_utf8(bytes(&report)).unwrap();
-    for row in ["AEKL reconstruction MS-SSIM", "LDM FID (inception)", "LDM diversity", "FLAIR→T1w psnr", "FLAIR slice itself"]
+    for row in
+        ["AEKL reconstruction MS-SSIM", "LDM FID (inception)", "LDM diversity", "FLAIR→T1w psnr", "FLAIR slice itself"]
     {
         assert!(md.contains(row), "report lacks {row:?}:\n{md}");
     }

@@ -5,13 +5,13 @@
 mod common;
 
 use common::{fixtures, max_abs, max_abs_diff};
+use medgen::amp::Precision;
 use medgen::checkpoint::{load_model, load_strict, StateDict};
 use medgen::losses::adversarial::PatchAdversarialLoss;
 use medgen::losses::perceptual::PerceptualLoss;
 use medgen::nets::lpips::{Lpips, LpipsNet};
 use medgen::nets::patch_discriminator::{PatchDiscriminator, PatchDiscriminatorConfig};
 use medgen::nets::{AutoencoderKL, AutoencoderKLConfig};
-use medgen::amp::Precision;
 use medgen::train::aekl::{aekl_step, AeklLossWeights, AeklModels, AeklOptimizers};
 use medgen::train::grad_scaler::GradScaler;
 use medgen::train::optim::{Adam, AdamConfig};

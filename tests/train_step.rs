@@ -4,10 +4,10 @@
 mod common;
 
 use common::{fixtures, max_abs, max_abs_diff};
+use medgen::amp::Precision;
 use medgen::checkpoint::{load_model, Generation, StateDict};
 use medgen::nets::{ControlNet, ControlNetConfig, DiffusionModelUNet, DiffusionModelUNetConfig};
 use medgen::schedulers::{NoiseSchedule, PredictionType, SchedulerConfig};
-use medgen::amp::Precision;
 use medgen::train::diffusion::{diffusion_loss, diffusion_step, ControlInput};
 use medgen::train::grad_scaler::GradScaler;
 use medgen::train::optim::{Adam, AdamConfig};

@@ -206,7 +206,9 @@ pub fn run(a: Args) -> Result<()> {
             let unet = DiffusionModelUNet::new(&(vs.root() / "unet"), &ucfg, a.naming.generation())?;
             let net = ControlNet::new(&(vs.root() / "cn"), &config::controlnet_config(cp)?, a.naming.generation())?;
             let ae = match &a.stage1_config {
-                Some(p) => Some(AutoencoderKL::new(&(vs.root() / "ae"), &config::aekl_config(p)?, a.naming.generation())?),
+                Some(p) => {
+                    Some(AutoencoderKL::new(&(vs.root() / "ae"), &config::aekl_config(p)?, a.naming.generation())?)
+                }
                 None => None,
             };
             let f = ae.as_ref().map_or(8, |ae| 1i64 << (ae.config().channels.len() - 1));
@@ -216,7 +218,8 @@ pub fn run(a: Args) -> Result<()> {
             let ctx = ucfg.cross_attention_dim.map(|d| {
                 (Tensor::randn([1, 77, d], (Kind::Float, dev)), Tensor::randn([1, 77, d], (Kind::Float, dev)))
             });
-            let sched_cfg = SchedulerConfig { clip_sample: Some(false), ..config::scheduler_config(lp, SchedulerKind::Ddim)? };
+            let sched_cfg =
+                SchedulerConfig { clip_sample: Some(false), ..config::scheduler_config(lp, SchedulerKind::Ddim)? };
             let steps = if a.case == Case::Sample { a.steps } else { 1 };
             let sample = a.case == Case::Sample;
             if sample {
@@ -240,7 +243,10 @@ pub fn run(a: Args) -> Result<()> {
                     let _g = tch::no_grad_guard();
                     let t = s.timesteps()[0];
                     let (x, context) = match &ctx {
-                        Some((u, c)) => (Tensor::cat(&[&noise, &noise], 0), Some(Tensor::cat(&[u.expand([b, 77, -1], false), c.expand([b, 77, -1], false)], 0))),
+                        Some((u, c)) => (
+                            Tensor::cat(&[&noise, &noise], 0),
+                            Some(Tensor::cat(&[u.expand([b, 77, -1], false), c.expand([b, 77, -1], false)], 0)),
+                        ),
                         None => (noise.shallow_clone(), None),
                     };
                     let cond = if ctx.is_some() { Tensor::cat(&[&flair, &flair], 0) } else { flair.shallow_clone() };

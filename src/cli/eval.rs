@@ -139,7 +139,8 @@ fn write_json(dir: &Path, name: &str, v: &Value) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join(name);
     let tmp = crate::data::volume::temporary_path(&path)?;
-    std::fs::write(&tmp, serde_json::to_string_pretty(v)?).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::write(&tmp, serde_json::to_string_pretty(v)?)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
     println!("{}", serde_json::to_string(v)?);
     eprintln!("wrote {}", path.display());
@@ -293,10 +294,14 @@ fn report(a: ReportArgs) -> Result<()> {
         ));
     }
     if let Some(t) = read(d, "flair_to_t1w.json")? {
-        let article = [("psnr", "26.2458 ± 1.0092", 4), ("mae", "0.02632 ± 0.0036", 5), ("ms_ssim", "0.9526 ± 0.0111", 4)];
+        let article =
+            [("psnr", "26.2458 ± 1.0092", 4), ("mae", "0.02632 ± 0.0036", 5), ("ms_ssim", "0.9526 ± 0.0111", 4)];
         for (k, art, dig) in article {
             let n = &t["model"][k]["n"];
-            md.push_str(&format!("| FLAIR→T1w {k} (ControlNet) | {} | {art} | {n} test slices |\n", pm(&t["model"][k], dig)));
+            md.push_str(&format!(
+                "| FLAIR→T1w {k} (ControlNet) | {} | {art} | {n} test slices |\n",
+                pm(&t["model"][k], dig)
+            ));
         }
         if t.get("baseline_flair").is_some() {
             md.push_str("\nBaselines, evaluated the same way on the same slices:\n\n");
@@ -317,7 +322,11 @@ fn report(a: ReportArgs) -> Result<()> {
                 let m = t["model"][k]["mean"].as_f64().unwrap_or(f64::NAN);
                 ["baseline_flair", "baseline_linear"].iter().all(|b| {
                     let v = t[*b][k]["mean"].as_f64().unwrap_or(f64::NAN);
-                    if higher { m > v } else { m < v }
+                    if higher {
+                        m > v
+                    } else {
+                        m < v
+                    }
                 })
             };
             let verdict: Vec<String> = [("PSNR", "psnr", true), ("MAE", "mae", false), ("MS-SSIM", "ms_ssim", true)]

@@ -141,12 +141,7 @@ fn setup(c: &Common, controlnet: Option<(PathBuf, PathBuf)>, default_guidance: f
     };
     let models = Models::load(&paths, device)?;
     let contexts = c.context.as_ref().map(|p| PromptContexts::load(p, device)).transpose()?;
-    let text = Text::new(
-        &models.unet.model,
-        contexts,
-        c.guidance,
-        section.guidance_scale.unwrap_or(default_guidance),
-    )?;
+    let text = Text::new(&models.unet.model, contexts, c.guidance, section.guidance_scale.unwrap_or(default_guidance))?;
     let sampler_steps = c.steps.or(section.num_inference_steps).unwrap_or(200);
     ensure!(sampler_steps > 0, "--steps must be positive");
     ensure!(c.batch_size > 0, "--batch-size must be positive");
@@ -186,10 +181,8 @@ fn check_manifest(out: &Path, settings: &Value, skip_existing: bool) -> Result<(
 }
 
 fn write_manifest(out: &Path, settings: &Value, jobs: &[Job]) -> Result<()> {
-    let images: Vec<Value> = jobs
-        .iter()
-        .map(|j| json!({"seed": j.seed, "image": j.name, "flair": j.flair, "t1w": j.t1w}))
-        .collect();
+    let images: Vec<Value> =
+        jobs.iter().map(|j| json!({"seed": j.seed, "image": j.name, "flair": j.flair, "t1w": j.t1w})).collect();
     let text = serde_json::to_string_pretty(&json!({"settings": settings, "images": images}))?;
     let path = out.join("manifest.json");
     let tmp = crate::data::volume::temporary_path(&path)?;
@@ -217,8 +210,7 @@ fn run_jobs(
         conditioning_scale,
         device: s.device,
     };
-    let todo: Vec<&Job> =
-        jobs.iter().filter(|j| !(c.skip_existing && c.output.join(&j.name).exists())).collect();
+    let todo: Vec<&Job> = jobs.iter().filter(|j| !(c.skip_existing && c.output.join(&j.name).exists())).collect();
     if todo.len() < jobs.len() {
         eprintln!("{} of {} images already in {}", jobs.len() - todo.len(), jobs.len(), c.output.display());
     }
@@ -297,11 +289,7 @@ fn flair_inputs(input: &Path) -> Result<Vec<PairRecord>> {
         return Ok(files.into_iter().map(|f| PairRecord { t1w: PathBuf::new(), flair: Some(f) }).collect());
     }
     let rows = read_list(input)?;
-    ensure!(
-        rows.iter().all(|r| r.flair.is_some()),
-        "{}: FLAIR->T1w needs a `flair` column",
-        input.display()
-    );
+    ensure!(rows.iter().all(|r| r.flair.is_some()), "{}: FLAIR->T1w needs a `flair` column", input.display());
     Ok(rows)
 }
 

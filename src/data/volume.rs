@@ -2,10 +2,10 @@
 //! `scl_slope`/`scl_inter` applied (what nibabel's `get_fdata` returns), whole or a run of slices,
 //! and write float32 volumes atomically.
 use anyhow::{anyhow, bail, ensure, Context, Result};
+use flate2::read::GzDecoder;
 use ndarray::{Array3, Ix3};
 use nifti::writer::WriterOptions;
 use nifti::{IntoNdArray, NiftiHeader, NiftiObject, NiftiVolume, ReaderOptions};
-use flate2::read::GzDecoder;
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -26,9 +26,8 @@ impl Volume {
 
 /// Reads a `.nii` or `.nii.gz`. A 4-D volume with one time point is accepted as 3-D.
 pub fn read_volume(path: &Path) -> Result<Volume> {
-    let obj = ReaderOptions::new()
-        .read_file(path)
-        .map_err(|e| anyhow!("{}: cannot read NIfTI: {e}", path.display()))?;
+    let obj =
+        ReaderOptions::new().read_file(path).map_err(|e| anyhow!("{}: cannot read NIfTI: {e}", path.display()))?;
     let header = obj.header().clone();
     let mut volume = obj.into_volume();
     if !header.scl_slope.is_finite() {
@@ -37,18 +36,16 @@ pub fn read_volume(path: &Path) -> Result<Volume> {
         volume = nifti::InMemNiftiVolume::from_raw_fields(dim, datatype, 0.0, 0.0, volume.into_raw_data(), endianness)
             .map_err(|e| anyhow!("{}: cannot rebuild the volume without its slope: {e}", path.display()))?;
     }
-    let data = volume
-        .into_ndarray::<f64>()
-        .map_err(|e| anyhow!("{}: cannot decode the NIfTI volume: {e}", path.display()))?;
+    let data =
+        volume.into_ndarray::<f64>().map_err(|e| anyhow!("{}: cannot decode the NIfTI volume: {e}", path.display()))?;
     let shape = data.shape().to_vec();
     let data = match shape.len() {
         3 => data,
         4 if shape[3] == 1 => data.index_axis_move(ndarray::Axis(3), 0),
         _ => return Err(anyhow!("{}: expected a 3-D volume, got shape {shape:?}", path.display())),
     };
-    let data = data
-        .into_dimensionality::<Ix3>()
-        .with_context(|| format!("{}: expected a 3-D volume", path.display()))?;
+    let data =
+        data.into_dimensionality::<Ix3>().with_context(|| format!("{}: expected a 3-D volume", path.display()))?;
     Ok(Volume { data, header })
 }
 
@@ -74,8 +71,8 @@ impl SliceReader {
         } else {
             Box::new(BufReader::with_capacity(1 << 16, file))
         };
-        let header = NiftiHeader::from_reader(&mut reader)
-            .map_err(|e| anyhow!("{}: cannot read NIfTI: {e}", path.display()))?;
+        let header =
+            NiftiHeader::from_reader(&mut reader).map_err(|e| anyhow!("{}: cannot read NIfTI: {e}", path.display()))?;
         let dim = header.dim().map_err(|e| anyhow!("{}: cannot read NIfTI: {e}", path.display()))?;
         let dims = match dim {
             [x, y, z] | [x, y, z, 1] => [*x as usize, *y as usize, *z as usize],
@@ -126,10 +123,8 @@ impl SliceReader {
 /// The temporary name a file is written under before it is renamed into place: same
 /// directory (so the rename is atomic), same extension (the NIfTI writer compresses by it).
 pub fn temporary_path(path: &Path) -> Result<PathBuf> {
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| anyhow!("{}: not a file name", path.display()))?;
+    let name =
+        path.file_name().and_then(|n| n.to_str()).ok_or_else(|| anyhow!("{}: not a file name", path.display()))?;
     Ok(path.with_file_name(format!(".tmp-{}-{name}", std::process::id())))
 }
 

@@ -1,6 +1,6 @@
 //! The reference's evaluation metrics (reference-repo.md §5), each with parity tests against
 //! MONAI / the reference formulas.
-pub mod regression;
-pub mod ssim;
 pub mod fid;
 pub mod inception;
+pub mod regression;
+pub mod ssim;

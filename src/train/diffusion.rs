@@ -4,9 +4,9 @@
 //! The random draws (timesteps, noise) are arguments, so a step is a pure function of its inputs.
 use crate::amp::Precision;
 use crate::nets::{Conditioning, ControlNet, DiffusionModelUNet};
+use crate::schedulers::{NoiseSchedule, PredictionType};
 use crate::train::grad_scaler::GradScaler;
 use crate::train::optim::Adam;
-use crate::schedulers::{NoiseSchedule, PredictionType};
 use anyhow::Result;
 use tch::{Kind, Reduction, Tensor};
 

@@ -431,7 +431,13 @@ impl ParamState {
 /// `self + value * t1 / t2`) do.
 /// `tmp`: two tensors shaped as `param`, overwritten (the intermediates go there instead of fresh buffers; the
 /// kernels and so the rounding are the same).
-fn adam_update(cfg: &AdamConfig, param: &mut Tensor, grad: &Tensor, s: &mut ParamState, tmp: &[Tensor; 2]) -> Result<()> {
+fn adam_update(
+    cfg: &AdamConfig,
+    param: &mut Tensor,
+    grad: &Tensor,
+    s: &mut ParamState,
+    tmp: &[Tensor; 2],
+) -> Result<()> {
     let (beta1, beta2) = cfg.betas;
     s.step += 1.0;
     let mut grad = grad.shallow_clone();

@@ -10,14 +10,14 @@ use super::aekl::{aekl_eval, aekl_step, AeklLossWeights, AeklModels, AeklOptimiz
 use super::checkpoint::{Checkpoint, TrainState};
 use super::diffusion::{diffusion_loss, diffusion_step, ControlInput};
 use super::grad_scaler::GradScaler;
-use crate::amp::Precision;
 use super::optim::{Adam, AdamConfig};
 use super::run::{check_finite, interrupt_flag, save_curves, save_grid, seed_step, RunDir, TrainSettings};
+use crate::amp::Precision;
 use crate::checkpoint::{load_model, load_strict, StateDict};
 use crate::config::{self, model_params, read_json};
 use crate::data::augment::AugmentConfig;
-use crate::distributed;
 use crate::data::loader::{read_list, Batch, DataLoader, LoaderConfig};
+use crate::distributed;
 use crate::losses::adversarial::PatchAdversarialLoss;
 use crate::losses::perceptual::{PerceptualLoss, PerceptualLossConfig};
 use crate::nets::patch_discriminator::{PatchDiscriminator, PatchDiscriminatorConfig};
