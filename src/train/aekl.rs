@@ -75,7 +75,9 @@ fn generator_loss(
         Some(p) => p.forward(&rec32, &images32)?,
         None => Tensor::zeros([], (tch::Kind::Float, images.device())),
     };
-    let kl = kl_loss(&z_mu, &z_sigma);
+    // CUDA autocast runs the KL's pow, log and sums in float32 (CPU autocast would keep bf16/fp16): float32 here
+    // on every device.
+    let kl = kl_loss(&z_mu.to_kind(Kind::Float), &z_sigma.to_kind(Kind::Float));
     let g_adv = if adversarial {
         let logits = m.discriminator.logits(&rec32.contiguous(), true)?;
         m.adversarial.forward(&logits, true, false)

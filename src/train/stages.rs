@@ -643,8 +643,10 @@ fn train_diffusion(inputs: &TrainInputs, controlnet_stage: bool) -> Result<()> {
     }
     sync_replicas(&[trained_vs])?;
     let opt = std::cell::RefCell::new((opt, scaler));
+    // Under CUDA autocast the encoder's `exp` runs in float32 and promotes the posterior sample to float32; CPU
+    // autocast leaves it in bf16/fp16. Cast, so the latent and the noise are float32 on every device.
     let latent_of = |images: &Tensor| -> Result<Tensor> {
-        Ok(tch::no_grad(|| ae.model.encode_stage_2_inputs(images))? * scale_factor)
+        Ok(tch::no_grad(|| ae.model.encode_stage_2_inputs(images))?.to_kind(Kind::Float) * scale_factor)
     };
     let loss_of = |b: &Batch, drop: &[bool]| -> Result<Tensor> {
         let images = b.t1w.to_device(dev);
