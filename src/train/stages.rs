@@ -10,6 +10,7 @@ use super::aekl::{aekl_eval, aekl_step, AeklLossWeights, AeklModels, AeklOptimiz
 use super::checkpoint::{Checkpoint, TrainState};
 use super::diffusion::{diffusion_loss, diffusion_step, ControlInput};
 use super::grad_scaler::GradScaler;
+use super::init::build_on_cpu;
 use super::optim::{Adam, AdamConfig};
 use super::run::{check_finite, interrupt_flag, save_curves, save_grid, seed_step, RunDir, TrainSettings};
 use crate::amp::Precision;
@@ -418,10 +419,9 @@ pub fn train_aekl(inputs: &TrainInputs) -> Result<()> {
         None
     };
     tch::manual_seed(s.seed as i64);
-    let ae_vs = VarStore::new(dev);
-    let ae = AutoencoderKL::new(&ae_vs.root(), &ae_cfg, crate::checkpoint::Generation::Monai)?;
-    let d_vs = VarStore::new(dev);
-    let disc = PatchDiscriminator::new(&d_vs.root(), &d_cfg)?;
+    let (ae_vs, ae) =
+        build_on_cpu(dev, |vs| AutoencoderKL::new(&vs.root(), &ae_cfg, crate::checkpoint::Generation::Monai))?;
+    let (d_vs, disc) = build_on_cpu(dev, |vs| PatchDiscriminator::new(&vs.root(), &d_cfg))?;
     let mut o = AeklOptimizers {
         g: Adam::from_var_store(AdamConfig::adam(lr(&cfg, "stage1", "base_lr", &inputs.config)?), &ae_vs)?,
         d: Adam::from_var_store(AdamConfig::adam(lr(&cfg, "stage1", "disc_lr", &inputs.config)?), &d_vs)?,
@@ -587,17 +587,19 @@ fn train_diffusion(inputs: &TrainInputs, controlnet_stage: bool) -> Result<()> {
         (loaded.vs, loaded.model, ucfg)
     } else {
         let ucfg = config::unet_config(&inputs.config)?;
-        let vs = VarStore::new(dev);
-        let unet = DiffusionModelUNet::new(&vs.root(), &ucfg, crate::checkpoint::Generation::Monai)?;
+        let (vs, unet) =
+            build_on_cpu(dev, |vs| DiffusionModelUNet::new(&vs.root(), &ucfg, crate::checkpoint::Generation::Monai))?;
         (vs, unet, ucfg)
     };
     let cn = if controlnet_stage {
         let ccfg = config::controlnet_config(&inputs.config)?;
         ccfg.matches_unet(&unet_cfg)?;
-        let vs = VarStore::new(dev);
-        let net = ControlNet::new(&vs.root(), &ccfg, crate::checkpoint::Generation::Monai)?;
         let (_, wp) = inputs.ldm.as_ref().expect("checked above");
-        let report = ControlNet::init_from_unet(&vs, StateDict::load(wp, None)?)?;
+        // Copied from the UNet on the CPU too: one move of the whole store afterwards.
+        let (vs, (net, report)) = build_on_cpu(dev, |vs| {
+            let net = ControlNet::new(&vs.root(), &ccfg, crate::checkpoint::Generation::Monai)?;
+            Ok((net, ControlNet::init_from_unet(vs, StateDict::load(wp, None)?)?))
+        })?;
         say!(
             "ControlNet initialised from the UNet: {} tensors copied, {} kept",
             report.copied.len(),
