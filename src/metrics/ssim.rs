@@ -628,6 +628,15 @@ mod tests {
     }
 
     #[test]
+    fn a_window_is_built_once_per_device() {
+        let cfg = SsimConfig::reference();
+        let (a, b) = (Window::new(&cfg, 3, Device::Cpu), Window::new(&cfg, 3, Device::Cpu));
+        assert_eq!(a.kernel.data_ptr(), b.kernel.data_ptr(), "the second call built the window again");
+        assert_ne!(a.kernel.data_ptr(), Window::new(&cfg, 2, Device::Cpu).kernel.data_ptr());
+        assert_eq!(a.kernel.size(), [3, 1, 7, 7]);
+    }
+
+    #[test]
     fn identical_images_score_one_and_size_check_names_sizes() {
         let x = Tensor::rand([2, 1, 160, 224], (Kind::Float, Device::Cpu));
         let v = Vec::<f32>::try_from(ms_ssim(&x, &x, &SsimConfig::reference()).unwrap()).unwrap();

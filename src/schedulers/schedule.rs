@@ -261,3 +261,26 @@ fn cosine(t: i64, s: f64, version: CosineVersion) -> Result<(Tensor, Tensor, Ten
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// ᾱ is cast (and, on a GPU, moved) once per device and dtype, not at every `add_noise`; the float32 CPU table
+    /// is used as it is.
+    #[test]
+    fn the_table_is_copied_once_per_device_and_dtype() {
+        let s = NoiseSchedule::from_config(&SchedulerConfig::default()).unwrap();
+        let t = Tensor::from_slice(&[3i64, 999]);
+        let copies = || s.alphas_cumprod_on.lock().unwrap().len();
+        let x = Tensor::ones([2, 1, 2, 2], (Kind::Float, Device::Cpu));
+        s.add_noise(&x, &x, &t).unwrap();
+        assert_eq!(copies(), 0);
+        let h = x.to_kind(Kind::Half);
+        let first = s.add_noise(&h, &h, &t).unwrap();
+        let second = s.add_noise(&h, &h, &t).unwrap();
+        assert_eq!(copies(), 1);
+        assert!(first.equal(&second));
+        assert_eq!(first.kind(), Kind::Half);
+    }
+}

@@ -721,6 +721,7 @@ fn train_diffusion(inputs: &TrainInputs, controlnet_stage: bool) -> Result<()> {
         let images = b.t1w.to_device(dev);
         let latent = latent_of(&images)?;
         let noise = Tensor::randn(latent.size(), (Kind::Float, Device::Cpu)).to_device(dev);
+        // Drawn in [0, T) on the CPU: in range by construction, so `add_noise` need not read them back from the device.
         let t = Tensor::randint(schedule.num_train_timesteps(), [latent.size()[0]], (Kind::Int64, Device::Cpu))
             .to_device(dev);
         let context = batch_context(&ctx, drop).map(|c| c.to_device(dev));
