@@ -346,7 +346,7 @@ pub fn check_ms_ssim_size(size: &[i64], cfg: &SsimConfig) -> Result<()> {
     let div = cfg.weights_div();
     let kernel = cfg.kernel_size.get();
     for (axis, (&side, k)) in ["height", "width"].iter().zip(size[2..].iter().zip(kernel)) {
-        if side / div <= k - 1 {
+        if side / div < k {
             bail!(
                 "MS-SSIM: image {axis} {side} is too small for {n} weights and kernel_size {k} (image {h}x{w}, \
                  kernel {kh}x{kw}): MONAI requires {axis} // {div} > {km1}, i.e. {axis} >= {min}; use a smaller \
