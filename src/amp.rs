@@ -2,6 +2,7 @@
 //! a model runs on (torch.autocast's enter/exit), through the C++ shim `src/shim/autocast.cpp`.
 //! Both reduced dtypes run on CUDA and on the CPU (as `torch.autocast("cpu", dtype)`).
 use serde::{Deserialize, Serialize};
+use std::marker::PhantomData;
 use std::os::raw::c_int;
 use tch::Device;
 
@@ -34,7 +35,7 @@ impl Precision {
     /// Enters an autocast region for `device` (a no-op region for fp32), left when the guard drops.
     pub fn autocast(self, device: Device) -> Autocast {
         if self == Precision::Fp32 {
-            return Autocast { restore: None };
+            return Autocast { restore: None, _thread_local: PhantomData };
         }
         let cuda = c_int::from(device.is_cuda());
         // SAFETY: plain calls into ATen's thread-local autocast state; no pointers cross.
@@ -42,14 +43,17 @@ impl Precision {
             medgen_autocast_increment_nesting();
             medgen_autocast_set(cuda, 1, c_int::from(self == Precision::Bf16))
         };
-        Autocast { restore: Some((cuda, state)) }
+        Autocast { restore: Some((cuda, state)), _thread_local: PhantomData }
     }
 }
 
-/// An autocast region; dropping it restores the previous state (regions nest).
+/// An autocast region; dropping it restores the previous state (regions nest). ATen's autocast
+/// state is thread-local, so the guard is `!Send`: dropped on another thread it would restore
+/// that thread's state and leave this one's region open.
 #[must_use = "autocast ends when this guard is dropped"]
 pub struct Autocast {
     restore: Option<(c_int, c_int)>,
+    _thread_local: PhantomData<*const ()>,
 }
 
 impl Drop for Autocast {
@@ -61,5 +65,23 @@ impl Drop for Autocast {
                 medgen_autocast_decrement_nesting();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fails to compile, rather than at run time, once `Autocast` is `Send`: with a `Send` type both impls apply
+    /// and the call below is ambiguous.
+    #[test]
+    fn the_guard_stays_on_its_thread() {
+        trait AmbiguousIfSend<A> {
+            fn check() {}
+        }
+        impl<T: ?Sized> AmbiguousIfSend<()> for T {}
+        impl<T: ?Sized + Send> AmbiguousIfSend<u8> for T {}
+        <Autocast as AmbiguousIfSend<_>>::check();
+        let _fp32 = Precision::Fp32.autocast(Device::Cpu);
     }
 }

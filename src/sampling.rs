@@ -49,12 +49,12 @@ fn expand_batch(t: &Tensor, batch: i64, what: &str) -> Result<Tensor> {
     Ok(t.expand([batch, s[1], s[2]], false))
 }
 
-/// One model evaluation for the latent `x` at `t`, guidance applied.
+/// One model evaluation for the latent `x` at `timesteps` (`[t]`, on `x`'s device), guidance applied.
 fn predict(
     unet: &DiffusionModelUNet,
     control: Option<&Control>,
     x: &Tensor,
-    t: i64,
+    timesteps: &Tensor,
     text: &TextConditioning,
 ) -> Result<Tensor> {
     let batch = x.size()[0];
@@ -69,17 +69,16 @@ fn predict(
             (Tensor::cat(&[x, x], 0), Some(context), Some(*guidance_scale))
         }
     };
-    let timesteps = Tensor::from_slice(&[t]).to_device(x.device());
     let output = match control {
         Some(c) => {
             // CFG is on the text only: both halves get the same control image.
             let cn_cond = if guidance.is_some() { Tensor::cat(&[c.cond, c.cond], 0) } else { c.cond.shallow_clone() };
             let cond = Conditioning { context: context.as_ref(), ..Default::default() };
-            let res = c.controlnet.forward(&model_input, &timesteps, &cn_cond, c.conditioning_scale, &cond)?;
-            unet.forward(&model_input, &timesteps, &res.conditioning(context.as_ref(), None))?
+            let res = c.controlnet.forward(&model_input, timesteps, &cn_cond, c.conditioning_scale, &cond)?;
+            unet.forward(&model_input, timesteps, &res.conditioning(context.as_ref(), None))?
         }
         None => {
-            unet.forward(&model_input, &timesteps, &Conditioning { context: context.as_ref(), ..Default::default() })?
+            unet.forward(&model_input, timesteps, &Conditioning { context: context.as_ref(), ..Default::default() })?
         }
     };
     Ok(match guidance {
@@ -112,9 +111,11 @@ pub fn sample_latent(
     }
     let _guard = tch::no_grad_guard();
     let timesteps = scheduler.timesteps().to_vec();
+    // Every step's `[t]` moved to the device at once, not one copy per step.
+    let on_device = Tensor::f_from_slice(&timesteps)?.f_to_device(noise.device())?;
     let mut latent = noise.shallow_clone();
     for (i, &t) in timesteps.iter().enumerate() {
-        let model_output = predict(unet, control, &latent, t, text)?;
+        let model_output = predict(unet, control, &latent, &on_device.narrow(0, i as i64, 1), text)?;
         latent = scheduler.step(&model_output, t, &latent)?.0;
         on_step(i + 1, timesteps.len());
     }

@@ -89,7 +89,8 @@ fn aekl_stage_steps_match_monai() {
     for (s, want) in m["losses"].as_array().unwrap().iter().enumerate() {
         let d = |k: &str| draws.get(&format!("{k}.{s}")).unwrap().shallow_clone();
         let adv = want["adversarial"].as_bool().unwrap();
-        let got = aekl_step(&models, &mut opts, Precision::Fp32, &d("images"), &d("eps"), &w, adv).unwrap();
+        let got =
+            aekl_step(&models, &mut opts, Precision::Fp32, &d("images"), &d("eps"), &w, adv).unwrap().read().unwrap();
         for (name, g) in [
             ("loss", got.loss),
             ("l1", got.l1),

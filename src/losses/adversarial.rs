@@ -90,9 +90,10 @@ impl PatchAdversarialLoss {
             .iter()
             .map(|x| {
                 let x = self.activate(x.borrow());
-                // MONAI's targets: a 0-d tensor of the input's dtype, expanded (never materialised).
+                // MONAI's targets: a 0-d tensor of the input's dtype, expanded (never materialised). Filled on the
+                // input's device, where MONAI copies a host tensor over at every step.
                 let (kind, device, shape) = (x.kind(), x.device(), x.size());
-                let label = |v: f64| Tensor::from(v).to_kind(kind).to_device(device).expand(&shape, false);
+                let label = |v: f64| Tensor::full([], v, (kind, device)).expand(&shape, false);
                 match self.criterion {
                     AdversarialCriterion::Hinge => {
                         let x = if real { x } else { -x };

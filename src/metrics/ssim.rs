@@ -17,7 +17,7 @@
 use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex, PoisonError};
 use tch::{Device, Kind, Tensor};
 
 /// MS-SSIM's per-scale exponents (Wang et al. 2003), MONAI's default and the reference's.
@@ -203,6 +203,20 @@ pub fn window_2d(kernel_type: KernelType, kernel_size: [i64; 2], kernel_sigma: [
     }
 }
 
+/// The constant tensors of the metrics (windows, MS-SSIM weights) already on a device, by what they are: built on
+/// the CPU and moved once per process instead of at every call (each batch of an evaluation).
+static ON_DEVICE: Mutex<Vec<(String, Device, Tensor)>> = Mutex::new(Vec::new());
+
+fn on_device(key: String, device: Device, make: impl FnOnce() -> Tensor) -> Tensor {
+    let mut made = ON_DEVICE.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((_, _, t)) = made.iter().find(|(k, d, _)| *k == key && *d == device) {
+        return t.shallow_clone();
+    }
+    let t = make();
+    made.push((key, device, t.shallow_clone()));
+    t
+}
+
 /// The window of one scale, expanded to `(channels, 1, kh, kw)` for a grouped conv on `device`.
 struct Window {
     kernel: Tensor,
@@ -213,8 +227,12 @@ struct Window {
 impl Window {
     fn new(cfg: &SsimConfig, channels: i64, device: Device) -> Self {
         let [kh, kw] = cfg.kernel_size.get();
-        let k = window_2d(cfg.kernel_type, [kh, kw], cfg.kernel_sigma.get());
-        let kernel = k.expand([channels, 1, kh, kw], false).contiguous().to_device(device);
+        let sigma = cfg.kernel_sigma.get();
+        let key = format!("window {:?} {kh}x{kw} {sigma:?} {channels}", cfg.kernel_type);
+        let kernel = on_device(key, device, || {
+            let k = window_2d(cfg.kernel_type, [kh, kw], sigma);
+            k.expand([channels, 1, kh, kw], false).contiguous().to_device(device)
+        });
         Self { kernel, groups: channels, size: [kh, kw] }
     }
 
@@ -328,7 +346,7 @@ pub fn check_ms_ssim_size(size: &[i64], cfg: &SsimConfig) -> Result<()> {
     let div = cfg.weights_div();
     let kernel = cfg.kernel_size.get();
     for (axis, (&side, k)) in ["height", "width"].iter().zip(size[2..].iter().zip(kernel)) {
-        if side / div <= k - 1 {
+        if side / div < k {
             bail!(
                 "MS-SSIM: image {axis} {side} is too small for {n} weights and kernel_size {k} (image {h}x{w}, \
                  kernel {kh}x{kw}): MONAI requires {axis} // {div} > {km1}, i.e. {axis} >= {min}; use a smaller \
@@ -375,7 +393,9 @@ pub fn ssim(y_pred: &Tensor, y: &Tensor, cfg: &SsimConfig) -> Result<Tensor> {
 
 /// `prod(stack(levels) ** weights.view(-1, 1), dim=0)` with float32 weights, as MONAI combines the scales.
 fn combine(levels: &[Tensor], cfg: &SsimConfig, device: Device) -> Tensor {
-    let weights = Tensor::from_slice(&cfg.weights).to_kind(Kind::Float).to_device(device);
+    let weights = on_device(format!("weights {:?}", cfg.weights), device, || {
+        Tensor::from_slice(&cfg.weights).to_kind(Kind::Float).to_device(device)
+    });
     Tensor::stack(levels, 0).pow(&weights.view([-1, 1])).prod_dim_int(0, false, None)
 }
 
@@ -605,6 +625,15 @@ mod tests {
         assert!((total - 1.0).abs() < 1e-6, "sum {total}");
         assert!(w.equal(&w.tr()));
         assert!(w.equal(&w.flip([0])));
+    }
+
+    #[test]
+    fn a_window_is_built_once_per_device() {
+        let cfg = SsimConfig::reference();
+        let (a, b) = (Window::new(&cfg, 3, Device::Cpu), Window::new(&cfg, 3, Device::Cpu));
+        assert_eq!(a.kernel.data_ptr(), b.kernel.data_ptr(), "the second call built the window again");
+        assert_ne!(a.kernel.data_ptr(), Window::new(&cfg, 2, Device::Cpu).kernel.data_ptr());
+        assert_eq!(a.kernel.size(), [3, 1, 7, 7]);
     }
 
     #[test]

@@ -354,7 +354,9 @@ impl Encoder {
                     "{model}: class_labels must be integers, got {:?}",
                     l.kind()
                 );
-                if l.numel() > 0 {
+                // Reading device labels back would stop the device at every forward pass (every sampling step):
+                // their range is checked while they are on the CPU, before they are moved.
+                if l.numel() > 0 && l.device() == tch::Device::Cpu {
                     let (lo, hi) = (i64::try_from(l.min())?, i64::try_from(l.max())?);
                     ensure!(lo >= 0 && hi < k, "{model}: class_labels must be in [0, {k}), got values in [{lo}, {hi}]");
                 }

@@ -5,6 +5,7 @@ use super::SchedulerConfig;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::f64::consts::PI;
+use std::sync::{Mutex, PoisonError};
 use tch::{Device, Kind, Tensor};
 
 /// MONAI's `NoiseSchedules` entries.
@@ -46,8 +47,9 @@ pub enum CosineVersion {
     Legacy,
 }
 
-/// betas, alphas and ᾱ (`alphas_cumprod`) for `num_train_timesteps` steps; the tensors stay
-/// on the CPU in float32, with f32 copies for the per-step scalar arithmetic.
+/// betas, alphas and ᾱ (`alphas_cumprod`) for `num_train_timesteps` steps; the tensors are
+/// built on the CPU in float32, with f32 copies for the per-step scalar arithmetic. ᾱ goes to
+/// each device (and dtype) `add_noise` meets once, and stays there: no copy per training step.
 #[derive(Debug)]
 pub struct NoiseSchedule {
     num_train_timesteps: i64,
@@ -57,6 +59,7 @@ pub struct NoiseSchedule {
     betas_v: Vec<f32>,
     alphas_v: Vec<f32>,
     alphas_cumprod_v: Vec<f32>,
+    alphas_cumprod_on: Mutex<Vec<(Device, Kind, Tensor)>>,
 }
 
 impl NoiseSchedule {
@@ -111,6 +114,7 @@ impl NoiseSchedule {
             betas,
             alphas,
             alphas_cumprod,
+            alphas_cumprod_on: Mutex::new(Vec::new()),
         })
     }
 
@@ -178,7 +182,7 @@ impl NoiseSchedule {
         ensure!(noise.kind() == x.kind(), "{op}: noise is {:?} but {x_name} is {:?}", noise.kind(), x.kind());
         let idx = self.check_timesteps(op, x, timesteps)?;
         let dev = x.device();
-        let ac = self.alphas_cumprod.f_to_device(dev)?.f_to_kind(x.kind())?;
+        let ac = self.alphas_cumprod_on(dev, x.kind())?;
         let a = ac.f_index_select(0, &idx.f_to_device(dev)?)?;
         let mut shape = vec![a.size()[0]];
         shape.resize(x.dim().max(1), 1);
@@ -187,7 +191,23 @@ impl NoiseSchedule {
         Ok((sqrt_a, sqrt_b))
     }
 
-    /// Integer timesteps, one per batch element (or one for all), in `[0, T)`, flattened.
+    /// ᾱ on `device` in `kind` (the CPU float32 table itself, or its copy made by the first call for that pair).
+    fn alphas_cumprod_on(&self, device: Device, kind: Kind) -> Result<Tensor> {
+        if device == Device::Cpu && kind == Kind::Float {
+            return Ok(self.alphas_cumprod.shallow_clone());
+        }
+        let mut copies = self.alphas_cumprod_on.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, _, t)) = copies.iter().find(|(d, k, _)| *d == device && *k == kind) {
+            return Ok(t.shallow_clone());
+        }
+        let t = self.alphas_cumprod.f_to_device(device)?.f_to_kind(kind)?;
+        copies.push((device, kind, t.shallow_clone()));
+        Ok(t)
+    }
+
+    /// Integer timesteps, one per batch element (or one for all), flattened. Their values are checked to be in
+    /// `[0, T)` when they are on the CPU; on another device reading them would stop the device at every step, so
+    /// check them before moving them there (the trainer draws them in range on the CPU).
     fn check_timesteps(&self, op: &str, x: &Tensor, timesteps: &Tensor) -> Result<Tensor> {
         let k = timesteps.kind();
         ensure!(
@@ -201,7 +221,10 @@ impl NoiseSchedule {
             let batch = x.size().first().copied().unwrap_or(1);
             ensure!(n == batch || n == 1, "{op}: {n} timesteps for a batch of {batch}");
         }
-        let values = Vec::<i64>::try_from(&flat.f_to_device(Device::Cpu)?)?;
+        if flat.device() != Device::Cpu {
+            return Ok(flat);
+        }
+        let values = Vec::<i64>::try_from(&flat)?;
         let t_max = self.num_train_timesteps;
         if let Some(bad) = values.iter().find(|&&t| !(0..t_max).contains(&t)) {
             bail!("{op}: timestep {bad} is out of range [0, {t_max})");
@@ -237,4 +260,27 @@ fn cosine(t: i64, s: f64, version: CosineVersion) -> Result<(Tensor, Tensor, Ten
             (betas, alphas, ac.slice(0, 0, Some(t), 1).contiguous())
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// ᾱ is cast (and, on a GPU, moved) once per device and dtype, not at every `add_noise`; the float32 CPU table
+    /// is used as it is.
+    #[test]
+    fn the_table_is_copied_once_per_device_and_dtype() {
+        let s = NoiseSchedule::from_config(&SchedulerConfig::default()).unwrap();
+        let t = Tensor::from_slice(&[3i64, 999]);
+        let copies = || s.alphas_cumprod_on.lock().unwrap().len();
+        let x = Tensor::ones([2, 1, 2, 2], (Kind::Float, Device::Cpu));
+        let _ = s.add_noise(&x, &x, &t).unwrap();
+        assert_eq!(copies(), 0);
+        let h = x.to_kind(Kind::Half);
+        let first = s.add_noise(&h, &h, &t).unwrap();
+        let second = s.add_noise(&h, &h, &t).unwrap();
+        assert_eq!(copies(), 1);
+        assert!(first.equal(&second));
+        assert_eq!(first.kind(), Kind::Half);
+    }
 }

@@ -45,16 +45,48 @@ pub struct AeklLosses {
     pub d_loss: f64,
 }
 
+/// [`AeklLosses`] as 0-d tensors on the device (read them with [`AeklLossTensors::read`]; a training loop
+/// reads them once per logging interval, not at every step).
+pub struct AeklLossTensors {
+    pub loss: Tensor,
+    pub l1: Tensor,
+    pub p_loss: Tensor,
+    pub kl: Tensor,
+    pub g_adv: Tensor,
+    pub d_loss: Tensor,
+}
+
+impl AeklLossTensors {
+    /// The terms by their logged names, `loss` first.
+    pub fn named(&self) -> Vec<(&'static str, Tensor)> {
+        [
+            ("loss", &self.loss),
+            ("l1", &self.l1),
+            ("p_loss", &self.p_loss),
+            ("kl", &self.kl),
+            ("g_adv", &self.g_adv),
+            ("d_loss", &self.d_loss),
+        ]
+        .into_iter()
+        .map(|(k, t)| (k, t.detach()))
+        .collect()
+    }
+
+    /// The values, in one copy to the host.
+    pub fn read(&self) -> Result<AeklLosses> {
+        let flat: Vec<Tensor> = self.named().iter().map(|(_, t)| t.to_kind(Kind::Double).reshape([1])).collect();
+        let v =
+            Vec::<f64>::try_from(Tensor::cat(&flat, 0).to_device(tch::Device::Cpu)).context("reading the losses")?;
+        Ok(AeklLosses { loss: v[0], l1: v[1], p_loss: v[2], kl: v[3], g_adv: v[4], d_loss: v[5] })
+    }
+}
+
 /// The optimisers of the stage and their loss scalers (the reference's `scaler_g`, `scaler_d`).
 pub struct AeklOptimizers {
     pub g: Adam,
     pub d: Adam,
     pub scaler_g: GradScaler,
     pub scaler_d: GradScaler,
-}
-
-fn scalar(t: &Tensor) -> Result<f64> {
-    f64::try_from(t).context("reading a loss value")
 }
 
 /// The generator's losses for `images` with posterior noise `eps`, in the network's train mode.
@@ -65,7 +97,7 @@ fn generator_loss(
     eps: &Tensor,
     w: &AeklLossWeights,
     adversarial: bool,
-) -> Result<(Tensor, Tensor, AeklLosses)> {
+) -> Result<(Tensor, Tensor, AeklLossTensors)> {
     let (z_mu, z_sigma) = m.autoencoder.encode(images)?;
     let reconstruction = m.autoencoder.decode(&(&z_mu + eps * &z_sigma))?;
     // The reference's `.float()`s: the loss terms in float32 whatever autocast gave.
@@ -75,7 +107,9 @@ fn generator_loss(
         Some(p) => p.forward(&rec32, &images32)?,
         None => Tensor::zeros([], (tch::Kind::Float, images.device())),
     };
-    let kl = kl_loss(&z_mu, &z_sigma);
+    // CUDA autocast runs the KL's pow, log and sums in float32 (CPU autocast would keep bf16/fp16): float32 here
+    // on every device.
+    let kl = kl_loss(&z_mu.to_kind(Kind::Float), &z_sigma.to_kind(Kind::Float));
     let g_adv = if adversarial {
         let logits = m.discriminator.logits(&rec32.contiguous(), true)?;
         m.adversarial.forward(&logits, true, false)
@@ -84,13 +118,13 @@ fn generator_loss(
     };
     let adv_w = if adversarial { w.adv_weight } else { 0.0 };
     let loss = &l1 + &kl * w.kl_weight + &p_loss * w.perceptual_weight + &g_adv * adv_w;
-    let logged = AeklLosses {
-        loss: scalar(&loss)?,
-        l1: scalar(&l1)?,
-        p_loss: scalar(&p_loss)?,
-        kl: scalar(&kl)?,
-        g_adv: scalar(&g_adv)?,
-        d_loss: 0.0,
+    let logged = AeklLossTensors {
+        loss: loss.detach(),
+        l1: l1.detach(),
+        p_loss: p_loss.detach(),
+        kl: kl.detach(),
+        g_adv: g_adv.detach(),
+        d_loss: Tensor::zeros([], (Kind::Float, images.device())),
     };
     Ok((loss, reconstruction, logged))
 }
@@ -105,7 +139,7 @@ pub fn aekl_step(
     eps: &Tensor,
     w: &AeklLossWeights,
     adversarial: bool,
-) -> Result<AeklLosses> {
+) -> Result<AeklLossTensors> {
     let device = images.device();
     o.g.zero_grad();
     let (loss, reconstruction, mut logged) = {
@@ -133,7 +167,7 @@ pub fn aekl_step(
         let _total_norm = o.d.clip_grad_norm(1.0)?;
         o.scaler_d.step(&mut o.d)?;
         o.scaler_d.update()?;
-        logged.d_loss = scalar(&d_loss)?;
+        logged.d_loss = d_loss.detach();
     }
     Ok(logged)
 }
@@ -145,7 +179,7 @@ pub fn aekl_eval(
     images: &Tensor,
     eps: &Tensor,
     w: &AeklLossWeights,
-) -> Result<AeklLosses> {
+) -> Result<AeklLossTensors> {
     let _guard = tch::no_grad_guard();
     let _autocast = precision.autocast(images.device());
     Ok(generator_loss(m, images, eps, w, false)?.2)

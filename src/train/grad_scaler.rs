@@ -34,7 +34,7 @@ enum Stage {
 /// What the scaler knows of one optimiser in the current iteration.
 struct Record {
     stage: Stage,
-    /// 1.0 when a gradient was not finite; None when the optimiser had no gradient to check.
+    /// Non-zero when a gradient was not finite; None when the optimiser had no gradient to check.
     found_inf: Option<Tensor>,
 }
 
@@ -131,16 +131,32 @@ impl GradScaler {
         let _guard = tch::no_grad_guard();
         // PyTorch inverts in double and rounds to float once.
         let inv_scale = scale.f_to_kind(Kind::Double)?.f_reciprocal()?.f_to_kind(Kind::Float)?;
-        let mut found_inf: Option<Tensor> = None;
+        // As PyTorch's `_unscale_grads_`: per device, a found-inf flag and the inverse scale, and libtorch's
+        // `_amp_foreach_non_finite_check_and_unscale_` on each gradient (tch binds it one tensor at a time): it
+        // flags a non-finite value before multiplying, so a finite value the multiply overflows is no inf. Nothing
+        // is read back and nothing is copied per gradient.
+        let mut per_device: Vec<(Device, Tensor, Tensor)> = Vec::new();
         for mut g in opt.grads()? {
             ensure!(g.kind() != Kind::Half, "Attempting to unscale FP16 gradients.");
-            // Checked before the multiply, as the kernel does: a finite value the multiply overflows is no inf.
-            let bad = g.f_isfinite()?.f_all()?.f_logical_not()?.f_to_kind(Kind::Float)?.f_to_device(scale.device())?;
+            let device = g.device();
+            let slot = match per_device.iter().position(|(d, ..)| *d == device) {
+                Some(i) => i,
+                None => {
+                    let found = Tensor::f_zeros([], (Kind::Float, device))?;
+                    per_device.push((device, found, inv_scale.f_to_device(device)?));
+                    per_device.len() - 1
+                }
+            };
+            let (_, found, inv) = &mut per_device[slot];
+            g.f_internal_amp_non_finite_check_and_unscale(found, inv)?;
+        }
+        let mut found_inf: Option<Tensor> = None;
+        for (_, found, _) in per_device {
+            let found = found.f_to_device(scale.device())?;
             found_inf = Some(match found_inf {
-                None => bad,
-                Some(f) => f.f_maximum(&bad)?,
+                None => found,
+                Some(f) => f.f_add(&found)?,
             });
-            let _ = g.f_mul_(&inv_scale.f_to_device(g.device())?)?;
         }
         self.records.insert(opt.id(), Record { stage: Stage::Unscaled, found_inf });
         Ok(())

@@ -19,6 +19,9 @@ pub struct TrainSettings {
     pub seed: u64,
     /// Write a checkpoint every this many optimiser steps (and at every validation).
     pub checkpoint_every: u64,
+    /// Read the training losses from the device, log them (a line per step) and check them for
+    /// NaN every this many steps (and before every checkpoint): one device sync per interval.
+    pub log_every: u64,
     /// AutoencoderKL: the epoch the adversarial loss starts at.
     pub adv_start: u64,
     /// LDM/ControlNet: the probability a sample's prompt is replaced by the null prompt.
@@ -37,6 +40,7 @@ impl Default for TrainSettings {
             eval_freq: 1,
             seed: 42,
             checkpoint_every: 200,
+            log_every: 10,
             adv_start: 0,
             context_dropout: 0.1,
             scale_factor: None,

@@ -10,6 +10,7 @@ use super::aekl::{aekl_eval, aekl_step, AeklLossWeights, AeklModels, AeklOptimiz
 use super::checkpoint::{Checkpoint, TrainState};
 use super::diffusion::{diffusion_loss, diffusion_step, ControlInput};
 use super::grad_scaler::GradScaler;
+use super::init::build_on_cpu;
 use super::optim::{Adam, AdamConfig};
 use super::run::{check_finite, interrupt_flag, save_curves, save_grid, seed_step, RunDir, TrainSettings};
 use crate::amp::Precision;
@@ -171,10 +172,14 @@ impl<'a> Looper<'a> {
     }
 
     fn log(&self, split: &str, values: Value) -> Result<()> {
+        self.log_at(split, self.state.epoch, self.state.step, values)
+    }
+
+    fn log_at(&self, split: &str, epoch: u64, step: u64, values: Value) -> Result<()> {
         if !distributed::is_main() {
             return Ok(());
         }
-        let mut rec = json!({"stage": self.stage, "split": split, "epoch": self.state.epoch, "step": self.state.step});
+        let mut rec = json!({"stage": self.stage, "split": split, "epoch": epoch, "step": step});
         if let (Some(r), Some(v)) = (rec.as_object_mut(), values.as_object()) {
             r.extend(v.clone());
         }
@@ -219,15 +224,77 @@ impl<'a> Looper<'a> {
     }
 }
 
-/// Runs the epochs. `step` trains one batch and returns its logged losses; `validate` returns this
-/// process's validation loss total and sample count (summed over the processes here) and writes the
-/// picture; `parts` snapshots the state for a checkpoint. With several processes every decision to
-/// stop (Ctrl-C, `max_steps`, a non-finite loss) is taken together, so no replica is left waiting.
+/// The named 0-d loss tensors of one step (`loss` first), still on the device.
+type StepLosses = Vec<(&'static str, Tensor)>;
+
+/// Training losses not yet read from the device, with the epoch and step they were logged at.
+#[derive(Default)]
+struct PendingLosses(Vec<(u64, u64, StepLosses)>);
+
+impl PendingLosses {
+    fn push(&mut self, epoch: u64, step: u64, losses: StepLosses) {
+        // Detached: a pending loss must not keep its step's graph alive.
+        self.0.push((epoch, step, losses.into_iter().map(|(k, t)| (k, t.detach())).collect()));
+    }
+
+    /// Reads every pending loss in one copy to the host (the one device sync of a logging interval),
+    /// writes their `metrics.jsonl` lines, shows the last loss on the bar, and stops the run at the
+    /// first non-finite loss (with several processes, at anyone's). Called before every checkpoint,
+    /// so a checkpoint never holds the weights of a step whose loss was not checked.
+    fn flush(&mut self, l: &Looper, bar: &indicatif::ProgressBar) -> Result<()> {
+        let flat: Vec<Tensor> =
+            self.0.iter().flat_map(|(_, _, v)| v.iter().map(|(_, t)| t.to_kind(Kind::Double).reshape([1]))).collect();
+        let values = if flat.is_empty() {
+            Vec::new()
+        } else {
+            Vec::<f64>::try_from(Tensor::cat(&flat, 0).to_device(Device::Cpu))?
+        };
+        let mut values = values.into_iter();
+        let mut bad: Option<(f64, u64)> = None;
+        let mut last = None;
+        for (epoch, step, named) in self.0.drain(..) {
+            let mut rec = serde_json::Map::new();
+            for (k, _) in &named {
+                rec.insert(k.to_string(), json!(values.next().context("a pending loss without its value")?));
+            }
+            let loss = rec.get("loss").and_then(Value::as_f64).unwrap_or(f64::NAN);
+            if !loss.is_finite() && bad.is_none() {
+                bad = Some((loss, step));
+            }
+            last = Some(loss);
+            l.log_at("train", epoch, step, Value::Object(rec))?;
+        }
+        if let Some(loss) = last {
+            bar.set_message(format!("loss {loss:.4}"));
+        }
+        let bad = if distributed::world_size() > 1 {
+            let any = distributed::sum_across(&[bad.is_some() as u8 as f64])?[0] > 0.0;
+            if any {
+                Some(bad.unwrap_or((f64::NAN, l.state.step)))
+            } else {
+                None
+            }
+        } else {
+            bad
+        };
+        match bad {
+            Some((loss, step)) => check_finite("the training loss", loss, step),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Runs the epochs. `step` trains one batch and returns its losses, still on the device: they are
+/// read (and `metrics.jsonl` written, a non-finite loss detected) every `log_every` steps and before
+/// each checkpoint, not at every step. `validate` returns this process's validation loss total and
+/// sample count (summed over the processes here) and writes the picture; `parts` snapshots the
+/// state for a checkpoint. With several processes every decision to stop (Ctrl-C, `max_steps`, a
+/// non-finite loss) is taken together, so no replica is left waiting.
 #[allow(clippy::type_complexity)]
 fn run_epochs(
     l: &mut Looper,
     loader: &DataLoader,
-    step: &mut dyn FnMut(&Batch, u64) -> Result<Value>,
+    step: &mut dyn FnMut(&Batch, u64) -> Result<StepLosses>,
     validate: &mut dyn FnMut(u64) -> Result<(f64, f64)>,
     parts: &dyn Fn() -> Vec<(&'static str, StateDict)>,
     weights: &dyn Fn(&Path) -> Result<()>,
@@ -253,6 +320,7 @@ fn run_epochs(
         }
     }
     l.state.world_size = Some(world);
+    let mut pending = PendingLosses::default();
     while l.state.epoch < l.settings.n_epochs {
         let epoch = l.state.epoch;
         let bar = l.bar(loader.len() as u64);
@@ -267,19 +335,15 @@ fn run_epochs(
             l.state.step += 1;
             done_in_epoch += 1;
             l.state.batches_in_epoch = Some(done_in_epoch);
-            l.log("train", losses.clone())?;
-            bar.set_message(format!("loss {:.4}", losses["loss"].as_f64().unwrap_or(f64::NAN)));
+            pending.push(epoch, l.state.step, losses);
             bar.inc(batch.rows.len() as u64);
-            let loss = losses["loss"].as_f64().unwrap_or(f64::NAN);
             let stop = interrupted.load(Ordering::SeqCst) || l.inputs.max_steps.is_some_and(|m| l.state.step >= m);
-            let (stop, loss) = if world > 1 {
-                let v = distributed::sum_across(&[stop as u8 as f64, (!loss.is_finite()) as u8 as f64])?;
-                (v[0] > 0.0, if v[1] > 0.0 { f64::NAN } else { loss })
-            } else {
-                (stop, loss)
-            };
-            check_finite("the training loss", loss, l.state.step)?;
-            if l.state.step.is_multiple_of(l.settings.checkpoint_every.max(1)) || stop {
+            let stop = if world > 1 { distributed::sum_across(&[stop as u8 as f64])?[0] > 0.0 } else { stop };
+            let checkpoint = l.state.step.is_multiple_of(l.settings.checkpoint_every.max(1)) || stop;
+            if checkpoint || pending.0.len() as u64 >= l.settings.log_every.max(1) {
+                pending.flush(l, &bar)?;
+            }
+            if checkpoint {
                 l.save(parts())?;
             }
             if stop {
@@ -290,6 +354,7 @@ fn run_epochs(
                 return Ok(());
             }
         }
+        pending.flush(l, &bar)?;
         bar.finish();
         l.state.epoch += 1;
         done_in_epoch = 0;
@@ -418,10 +483,9 @@ pub fn train_aekl(inputs: &TrainInputs) -> Result<()> {
         None
     };
     tch::manual_seed(s.seed as i64);
-    let ae_vs = VarStore::new(dev);
-    let ae = AutoencoderKL::new(&ae_vs.root(), &ae_cfg, crate::checkpoint::Generation::Monai)?;
-    let d_vs = VarStore::new(dev);
-    let disc = PatchDiscriminator::new(&d_vs.root(), &d_cfg)?;
+    let (ae_vs, ae) =
+        build_on_cpu(dev, |vs| AutoencoderKL::new(&vs.root(), &ae_cfg, crate::checkpoint::Generation::Monai))?;
+    let (d_vs, disc) = build_on_cpu(dev, |vs| PatchDiscriminator::new(&vs.root(), &d_cfg))?;
     let mut o = AeklOptimizers {
         g: Adam::from_var_store(AdamConfig::adam(lr(&cfg, "stage1", "base_lr", &inputs.config)?), &ae_vs)?,
         d: Adam::from_var_store(AdamConfig::adam(lr(&cfg, "stage1", "disc_lr", &inputs.config)?), &d_vs)?,
@@ -454,17 +518,19 @@ pub fn train_aekl(inputs: &TrainInputs) -> Result<()> {
     };
     let opts = std::cell::RefCell::new(o);
     let precision = inputs.precision;
-    let mut step = |b: &Batch, epoch: u64| -> Result<Value> {
+    let mut step = |b: &Batch, epoch: u64| -> Result<Vec<(&'static str, Tensor)>> {
         let images = b.t1w.to_device(dev);
         let eps = Tensor::randn(latent_shape(&images), (Kind::Float, Device::Cpu)).to_device(dev);
         let o = &mut *opts.borrow_mut();
         let losses = aekl_step(&models, o, precision, &images, &eps, &w, epoch >= s.adv_start)?;
-        Ok(serde_json::to_value(losses)?)
+        Ok(losses.named())
     };
     let run_root = l.run.root.clone();
     let mut validate = |epoch: u64| -> Result<(f64, f64)> {
         let Some(v) = &val else { return Ok((0.0, 0.0)) };
-        let (mut total, mut n) = (0.0, 0usize);
+        // Summed on the device in float64, read once.
+        let mut total = Tensor::zeros([], (Kind::Double, dev));
+        let mut n = 0usize;
         let mut last = None;
         for (i, b) in v.epoch(0).into_iter().enumerate() {
             let b = b?;
@@ -472,10 +538,11 @@ pub fn train_aekl(inputs: &TrainInputs) -> Result<()> {
             seed_step(s.seed ^ 0x7A11, i as u64);
             let eps = Tensor::randn(latent_shape(&images), (Kind::Float, Device::Cpu)).to_device(dev);
             let losses = aekl_eval(&models, precision, &images, &eps, &w)?;
-            total += losses.l1 * b.rows.len() as f64;
+            total += losses.l1.to_kind(Kind::Double) * b.rows.len() as f64;
             n += b.rows.len();
             last = Some(images);
         }
+        let total = f64::try_from(total)?;
         if let Some(images) = last.filter(|_| distributed::is_main()) {
             let k = images.size()[0].min(4);
             let x = images.narrow(0, 0, k);
@@ -587,17 +654,19 @@ fn train_diffusion(inputs: &TrainInputs, controlnet_stage: bool) -> Result<()> {
         (loaded.vs, loaded.model, ucfg)
     } else {
         let ucfg = config::unet_config(&inputs.config)?;
-        let vs = VarStore::new(dev);
-        let unet = DiffusionModelUNet::new(&vs.root(), &ucfg, crate::checkpoint::Generation::Monai)?;
+        let (vs, unet) =
+            build_on_cpu(dev, |vs| DiffusionModelUNet::new(&vs.root(), &ucfg, crate::checkpoint::Generation::Monai))?;
         (vs, unet, ucfg)
     };
     let cn = if controlnet_stage {
         let ccfg = config::controlnet_config(&inputs.config)?;
         ccfg.matches_unet(&unet_cfg)?;
-        let vs = VarStore::new(dev);
-        let net = ControlNet::new(&vs.root(), &ccfg, crate::checkpoint::Generation::Monai)?;
         let (_, wp) = inputs.ldm.as_ref().expect("checked above");
-        let report = ControlNet::init_from_unet(&vs, StateDict::load(wp, None)?)?;
+        // Copied from the UNet on the CPU too: one move of the whole store afterwards.
+        let (vs, (net, report)) = build_on_cpu(dev, |vs| {
+            let net = ControlNet::new(&vs.root(), &ccfg, crate::checkpoint::Generation::Monai)?;
+            Ok((net, ControlNet::init_from_unet(vs, StateDict::load(wp, None)?)?))
+        })?;
         say!(
             "ControlNet initialised from the UNet: {} tensors copied, {} kept",
             report.copied.len(),
@@ -643,13 +712,16 @@ fn train_diffusion(inputs: &TrainInputs, controlnet_stage: bool) -> Result<()> {
     }
     sync_replicas(&[trained_vs])?;
     let opt = std::cell::RefCell::new((opt, scaler));
+    // Under CUDA autocast the encoder's `exp` runs in float32 and promotes the posterior sample to float32; CPU
+    // autocast leaves it in bf16/fp16. Cast, so the latent and the noise are float32 on every device.
     let latent_of = |images: &Tensor| -> Result<Tensor> {
-        Ok(tch::no_grad(|| ae.model.encode_stage_2_inputs(images))? * scale_factor)
+        Ok(tch::no_grad(|| ae.model.encode_stage_2_inputs(images))?.to_kind(Kind::Float) * scale_factor)
     };
     let loss_of = |b: &Batch, drop: &[bool]| -> Result<Tensor> {
         let images = b.t1w.to_device(dev);
         let latent = latent_of(&images)?;
         let noise = Tensor::randn(latent.size(), (Kind::Float, Device::Cpu)).to_device(dev);
+        // Drawn in [0, T) on the CPU: in range by construction, so `add_noise` need not read them back from the device.
         let t = Tensor::randint(schedule.num_train_timesteps(), [latent.size()[0]], (Kind::Int64, Device::Cpu))
             .to_device(dev);
         let context = batch_context(&ctx, drop).map(|c| c.to_device(dev));
@@ -661,28 +733,31 @@ fn train_diffusion(inputs: &TrainInputs, controlnet_stage: bool) -> Result<()> {
         diffusion_loss(&unet, control.as_ref(), &schedule, prediction, &latent, &noise, &t, context.as_ref())
     };
     let precision = inputs.precision;
-    let mut step = |b: &Batch, _epoch: u64| -> Result<Value> {
+    let mut step = |b: &Batch, _epoch: u64| -> Result<Vec<(&'static str, Tensor)>> {
         let (o, scaler) = &mut *opt.borrow_mut();
         let loss = diffusion_step(o, scaler, precision, dev, || loss_of(b, &b.drop_context))?;
-        Ok(json!({"loss": f64::try_from(&loss)?}))
+        Ok(vec![("loss", loss.detach())])
     };
     let run_root = l.run.root.clone();
     let mut validate = |epoch: u64| -> Result<(f64, f64)> {
         let Some(v) = &val else { return Ok((0.0, 0.0)) };
         let _guard = tch::no_grad_guard();
-        let (mut total, mut n) = (0.0, 0usize);
+        // Summed on the device in float64, read once.
+        let mut total = Tensor::zeros([], (Kind::Double, dev));
+        let mut n = 0usize;
         let mut first_flair = None;
         for (i, b) in v.epoch(0).into_iter().enumerate() {
             let b = b?;
             seed_step(s.seed ^ 0x7A11, i as u64);
             let no_drop = vec![false; b.rows.len()];
             let _autocast = precision.autocast(dev);
-            total += f64::try_from(loss_of(&b, &no_drop)?)? * b.rows.len() as f64;
+            total += loss_of(&b, &no_drop)?.to_kind(Kind::Double) * b.rows.len() as f64;
             n += b.rows.len();
             if first_flair.is_none() {
                 first_flair = Some((b.t1w.shallow_clone(), b.flair.as_ref().map(|f| f.shallow_clone())));
             }
         }
+        let total = f64::try_from(total)?;
         // A few samples from the model (DDIM, no guidance), decoded: people look at these.
         if let Some((t1w, flair)) = first_flair.filter(|_| distributed::is_main()) {
             let k = t1w.size()[0].min(4);
