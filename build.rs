@@ -15,7 +15,8 @@
 //! headers (`MEDGEN_GLOO_INCLUDE`, set in `.cargo/config.toml` to where `make setup` puts them).
 //! Where libtorch has CUDA, the NCCL process group is always compiled: its headers come from the
 //! nvidia wheels next to torch in the same site-packages (`nccl.h` from nvidia-nccl, the CUDA
-//! runtime's from nvidia-cuda-runtime, `crt/` from nvidia-cuda-crt, which `make setup` installs),
+//! runtime's from nvidia-cuda-runtime; `crt/` and `nv/target` from nvidia-cuda-crt and
+//! nvidia-cuda-cccl, which `make setup` installs),
 //! or from `MEDGEN_CUDA_INCLUDE` (a CUDA toolkit's include directory). `nccl.h` must be the NCCL
 //! version the torch wheel requires: c10d's NCCL headers change their class layouts with
 //! `NCCL_VERSION_CODE`, so another version would compile against objects libtorch does not have.
@@ -106,7 +107,11 @@ fn compile_shim(lib: &Path, has_cuda: bool) {
         &dist,
         "medgen_dist",
         &includes,
-        if has_cuda { " With NCCL: CUDA headers of another release than libtorch's (CUDA 13.0 for torch 2.13.0)." } else { "" },
+        if has_cuda {
+            " With NCCL: CUDA headers of another release than libtorch's (CUDA 13.0 for torch 2.13.0)."
+        } else {
+            ""
+        },
     );
 }
 
@@ -123,31 +128,32 @@ fn compile(b: &cc::Build, name: &str, includes: &[PathBuf], cause: &str) {
     }
 }
 
-/// The directories holding `cuda_runtime_api.h`, `crt/host_config.h` and `nccl.h` for c10d's
-/// NCCL headers, after checking that `nccl.h` is the NCCL the torch wheel was built with.
+/// The directories holding `cuda_runtime_api.h`, `crt/host_config.h`, `nv/target` and `nccl.h`
+/// for c10d's NCCL headers, after checking that `nccl.h` is the NCCL the torch wheel was built with.
 fn nccl_includes(site: Option<&Path>) -> Result<Vec<PathBuf>, String> {
     let mut candidates: Vec<PathBuf> = std::env::var_os("MEDGEN_CUDA_INCLUDE").map(PathBuf::from).into_iter().collect();
     if let Some(Ok(entries)) = site.map(|s| std::fs::read_dir(s.join("nvidia"))) {
-        let mut wheels: Vec<PathBuf> = entries.flatten().map(|e| e.path().join("include")).filter(|p| p.is_dir()).collect();
+        let mut wheels: Vec<PathBuf> =
+            entries.flatten().map(|e| e.path().join("include")).filter(|p| p.is_dir()).collect();
         wheels.sort();
         candidates.extend(wheels);
     }
     let find = |rel: &str| candidates.iter().find(|d| d.join(rel).is_file()).cloned();
-    let wanted = ["cuda_runtime_api.h", "crt/host_config.h", "nccl.h"];
+    let wanted = ["cuda_runtime_api.h", "crt/host_config.h", "nv/target", "nccl.h"];
     let found: Vec<Option<PathBuf>> = wanted.iter().map(|r| find(r)).collect();
     let missing: Vec<&str> = wanted.iter().zip(&found).filter(|(_, f)| f.is_none()).map(|(w, _)| *w).collect();
     if !missing.is_empty() {
         let looked: Vec<String> = candidates.iter().map(|d| d.display().to_string()).collect();
         return Err(format!(
             "libtorch has CUDA, so medgen compiles c10d's NCCL process group, which needs {} (looked in: {}). \
-             `make setup` installs them into .venv (the nvidia-cuda-crt wheel of tests/requirements.txt); with \
+             `make setup` installs them into .venv (nvidia-cuda-crt and nvidia-cuda-cccl, tests/requirements.txt); with \
              another libtorch, set MEDGEN_CUDA_INCLUDE to a CUDA toolkit's include directory of libtorch's CUDA \
              release",
             missing.join(", "),
             if looked.is_empty() { "nowhere: no site-packages/nvidia next to libtorch".to_string() } else { looked.join(", ") }
         ));
     }
-    let nccl_h = found[2].as_ref().expect("checked").join("nccl.h");
+    let nccl_h = found[3].as_ref().expect("checked").join("nccl.h");
     println!("cargo:rerun-if-changed={}", nccl_h.display());
     let header = nccl_version(&nccl_h)?;
     match site.map(torch_nccl_requirement).transpose()?.flatten() {

@@ -150,6 +150,12 @@ pub fn rank_device(requested: Device, local_rank: usize, visible: usize) -> Resu
     }
 }
 
+/// Whether this build has NCCL's process group (always, where libtorch has CUDA: build.rs).
+pub fn nccl_compiled() -> bool {
+    unsafe { medgen_dist_backends() }
+    &2 != 0
+}
+
 /// The collective engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -160,7 +166,7 @@ pub enum Backend {
 impl Backend {
     /// NCCL for CUDA where this build has it, Gloo otherwise (as torch.distributed's defaults).
     pub fn for_device(device: Device) -> Self {
-        if device.is_cuda() && unsafe { medgen_dist_backends() } & 2 != 0 {
+        if device.is_cuda() && nccl_compiled() {
             Backend::Nccl
         } else {
             Backend::Gloo
@@ -211,10 +217,7 @@ impl ProcessGroup {
             Device::Cuda(i) => i as i32,
             _ => -1,
         };
-        ensure!(
-            backend == Backend::Gloo || cuda_device >= 0,
-            "the NCCL backend needs a CUDA device, not {device:?}"
-        );
+        ensure!(backend == Backend::Gloo || cuda_device >= 0, "the NCCL backend needs a CUDA device, not {device:?}");
         let b = CString::new(backend.name())?;
         let addr = CString::new(env.master_addr.as_str())?;
         let mut err = vec![0 as c_char; ERR_LEN];
@@ -326,8 +329,9 @@ impl Membership {
     pub fn leave(mut self) -> Result<()> {
         let g = self.detach().expect("a membership holds its group until it ends");
         let (rank, world) = (g.rank, g.world_size);
-        let g = Arc::try_unwrap(g)
-            .map_err(|_| anyhow::anyhow!("rank {rank} of {world}: the process group is still in use; cannot shut it down"))?;
+        let g = Arc::try_unwrap(g).map_err(|_| {
+            anyhow::anyhow!("rank {rank} of {world}: the process group is still in use; cannot shut it down")
+        })?;
         g.shutdown()?;
         eprintln!("distributed: rank {rank} of {world} left");
         Ok(())
