@@ -152,8 +152,8 @@ pub fn rank_device(requested: Device, local_rank: usize, visible: usize) -> Resu
 
 /// Whether this build has NCCL's process group (always, where libtorch has CUDA: build.rs).
 pub fn nccl_compiled() -> bool {
-    unsafe { medgen_dist_backends() }
-    &2 != 0
+    let backends = unsafe { medgen_dist_backends() };
+    backends & 2 != 0
 }
 
 /// The collective engine.
