@@ -381,3 +381,28 @@ fn deterministic_is_a_flag_of_train_sample_and_eval() {
         assert!(out.contains("--deterministic"), "{args:?}: {out}");
     }
 }
+
+/// A job of one process (what the GPU check runs with NCCL on one GPU): the group works, shuts
+/// down, and its store's port is free again, so a second group can be the process-wide one.
+#[test]
+fn a_group_shuts_down_and_frees_its_store() {
+    let env = distributed::DistEnv {
+        rank: 0,
+        world_size: 1,
+        local_rank: 0,
+        master_addr: "127.0.0.1".into(),
+        master_port: free_port(),
+    };
+    for round in 0..2 {
+        let g = distributed::ProcessGroup::new(&env, distributed::Backend::Gloo, Device::Cpu, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("round {round}: {e:#}"));
+        let job = distributed::init(g).unwrap();
+        let t = Tensor::from_slice(&[1.5f32, -2.0]);
+        job.all_reduce_sum(std::slice::from_ref(&t)).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&t).unwrap(), [1.5, -2.0]);
+        assert_eq!(distributed::sum_across(&[3.0]).unwrap(), [3.0]);
+        job.barrier().unwrap();
+        job.leave().unwrap();
+        assert!(distributed::group().is_none());
+    }
+}
