@@ -406,3 +406,32 @@ fn a_group_shuts_down_and_frees_its_store() {
         assert!(distributed::group().is_none());
     }
 }
+
+/// The CPU's kernels are deterministic already: `--deterministic` leaves a CPU run's weights as
+/// they were, bit for bit.
+#[test]
+fn deterministic_leaves_cpu_training_unchanged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    data(d, 32);
+    let [aekl, _, _] = configs(d, 1);
+    let weights: Vec<Vec<(String, Tensor)>> = [false, true]
+        .into_iter()
+        .map(|det| {
+            let run = d.join(format!("run-{det}"));
+            let mut args = train_args("aekl", &aekl, d, &run);
+            if det {
+                args.push("--deterministic");
+            }
+            ok(common::run::medgen(&args));
+            let mut w = Tensor::read_safetensors(run.join("final_model.safetensors")).unwrap();
+            w.sort_by(|a, b| a.0.cmp(&b.0));
+            w
+        })
+        .collect();
+    assert_eq!(weights[0].len(), weights[1].len());
+    for ((name, a), (n2, b)) in weights[0].iter().zip(&weights[1]) {
+        assert_eq!(name, n2);
+        assert!(a.equal(b), "{name}: --deterministic changed the CPU run's weights");
+    }
+}
