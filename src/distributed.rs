@@ -1,6 +1,6 @@
 //! Synchronous data parallelism on PyTorch's own collective engine, c10d (src/shim/dist.cpp):
 //! a TCPStore rendezvous served by rank 0 at `MASTER_ADDR:MASTER_PORT`, then a Gloo process group
-//! (CPU; CUDA tensors staged through the host) or NCCL (GPUs, where the build found its headers).
+//! (CPU; CUDA tensors staged through the host) or NCCL (GPUs; compiled in wherever libtorch has CUDA).
 //! Every process holds a replica, trains on its shard of the data, and averages gradients with the
 //! others before each optimiser step, as `torch.nn.parallel.DistributedDataParallel` does.
 //!
