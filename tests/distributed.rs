@@ -1,6 +1,8 @@
 //! Data-parallel training over c10d/Gloo on loopback, CPU: two processes train as one process on
-//! their concatenated batches; a dead rank stops the job instead of hanging it; `medgen launch`
-//! runs a job end to end and a checkpoint resumes with another number of processes.
+//! their concatenated batches and leave the group cleanly; a dead rank stops the job instead of
+//! hanging it; `medgen launch` runs a job end to end and a checkpoint resumes with another number
+//! of processes. Also what of the CUDA paths a CPU can check: each rank's GPU, NCCL compiled in,
+//! and the `--deterministic` flags.
 mod common;
 
 use common::run::{configs, data, ok, s};
@@ -72,6 +74,10 @@ fn worker(out: &Path) {
     data(&dir, 16);
     let vars = train_steps(&dir, 2, Some((g.rank(), g.world_size())));
     Tensor::save_multi(&vars, out.join(format!("rank{}.pt", g.rank()))).unwrap();
+    g.barrier().unwrap();
+    g.leave().unwrap();
+    assert!(distributed::group().is_none(), "the group outlived leave()");
+    assert_eq!((distributed::rank(), distributed::world_size()), (0, 1));
 }
 
 #[test]
@@ -100,14 +106,11 @@ fn two_processes_train_as_one_process_on_the_concatenated_batch() {
                 .unwrap()
         })
         .collect();
-    for c in children {
+    for (rank, c) in children.into_iter().enumerate() {
         let o = c.wait_with_output().unwrap();
-        assert!(
-            o.status.success(),
-            "a rank failed:\n{}\n{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "a rank failed:\n{}\n{err}", String::from_utf8_lossy(&o.stdout));
+        assert!(err.contains(&format!("rank {rank} of 2 left")), "rank {rank} did not shut its group down:\n{err}");
     }
     // One process, batches of 4 = the two ranks' batches of 2 together.
     let dir = out.join("single");
@@ -238,7 +241,11 @@ fn launch_runs_every_stage_with_two_processes() {
     let launch = |extra: Vec<&str>| {
         let mut args = vec!["launch", "--nproc", "2", "--"];
         args.extend(extra);
-        ok(common::run::medgen(&args))
+        let out = ok(common::run::medgen(&args));
+        // Every rank shut its group down (NCCL's watchdogs would otherwise abort the exit).
+        for r in 0..2 {
+            assert!(out.contains(&format!("rank {r} of 2 left")), "{out}");
+        }
     };
     let aekl_run = runs.join("aekl");
     launch(train_args("aekl", &aekl, d, &aekl_run));
@@ -298,4 +305,133 @@ fn a_stuck_rank_makes_the_other_fail_within_the_timeout() {
     println!("rank 0 exited {status} {waited:.1} s after rank 1 froze: {}", err.lines().last().unwrap_or(""));
     assert!(!status.success());
     assert!(StateDict::load(&ck, None).is_ok(), "the last checkpoint does not load");
+}
+
+#[test]
+fn each_rank_gets_its_own_gpu_or_a_clear_error() {
+    use distributed::rank_device;
+    // torchrun: every GPU of the node visible, LOCAL_RANK picks one.
+    assert_eq!(rank_device(Device::Cuda(0), 3, 4).unwrap(), Device::Cuda(3));
+    assert_eq!(rank_device(Device::Cuda(0), 0, 8).unwrap(), Device::Cuda(0));
+    // Slurm's one GPU per task (or CUDA_VISIBLE_DEVICES per rank): the task's own GPU is cuda:0.
+    assert_eq!(rank_device(Device::Cuda(0), 5, 1).unwrap(), Device::Cuda(0));
+    // The CPU stays the CPU.
+    assert_eq!(rank_device(Device::Cpu, 7, 0).unwrap(), Device::Cpu);
+    // More local ranks than GPUs: an error naming the count, not two ranks on one GPU.
+    let e = rank_device(Device::Cuda(0), 2, 2).unwrap_err().to_string();
+    assert!(e.contains("local rank 2") && e.contains("sees 2 CUDA devices"), "{e}");
+    let e = rank_device(Device::Cuda(0), 0, 0).unwrap_err().to_string();
+    assert!(e.contains("sees none"), "{e}");
+}
+
+/// build.rs compiles NCCL's process group whenever the libtorch it links has CUDA (the torch wheel
+/// of `make setup` does); this binary is what it built.
+#[test]
+fn nccl_is_compiled_in_where_libtorch_has_cuda() {
+    let lib = std::env::var("LIBTORCH").expect("LIBTORCH is set by .cargo/config.toml or the environment");
+    let cuda = Path::new(&lib).join("lib/libtorch_cuda.so").exists();
+    println!("libtorch at {lib}: CUDA {cuda}, NCCL compiled in {}", distributed::nccl_compiled());
+    assert_eq!(distributed::nccl_compiled(), cuda);
+}
+
+const DETERMINISM_ROLE: &str = "MEDGEN_DETERMINISM_CHILD";
+
+/// `--deterministic`'s flags, set and read back through libtorch (in a child process: they are
+/// process-wide, and the other tests here train without them).
+#[test]
+fn deterministic_sets_cudnn_and_tf32_flags() {
+    use medgen::device::{set_deterministic, Determinism};
+    if std::env::var_os(DETERMINISM_ROLE).is_some() {
+        let before = Determinism::current().unwrap();
+        println!("before: {before:?}");
+        // PyTorch's defaults: cuDNN may pick any algorithm and uses TF32.
+        assert!(!before.cudnn_deterministic && before.cudnn_tf32 && !before.deterministic_algorithms, "{before:?}");
+        set_deterministic().unwrap();
+        let after = Determinism::current().unwrap();
+        println!("after: {after:?}");
+        assert_eq!(
+            after,
+            Determinism {
+                cudnn_deterministic: true,
+                cudnn_benchmark: false,
+                cudnn_tf32: false,
+                cublas_tf32: false,
+                deterministic_algorithms: true,
+                warn_only: true,
+            }
+        );
+        assert_eq!(std::env::var("CUBLAS_WORKSPACE_CONFIG").unwrap(), ":4096:8");
+        return;
+    }
+    let o = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "deterministic_sets_cudnn_and_tf32_flags", "--nocapture"])
+        .env(DETERMINISM_ROLE, "1")
+        .env_remove("CUBLAS_WORKSPACE_CONFIG")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("after: "), "the child did not run the check: {out}");
+}
+
+#[test]
+fn deterministic_is_a_flag_of_train_sample_and_eval() {
+    for args in [&["train", "--help"][..], &["sample", "t1w", "--help"], &["eval", "fid", "--help"]] {
+        let out = ok(common::run::medgen(args));
+        assert!(out.contains("--deterministic"), "{args:?}: {out}");
+    }
+}
+
+/// A job of one process (what the GPU check runs with NCCL on one GPU): the group works, shuts
+/// down, and its store's port is free again, so a second group can be the process-wide one.
+#[test]
+fn a_group_shuts_down_and_frees_its_store() {
+    let env = distributed::DistEnv {
+        rank: 0,
+        world_size: 1,
+        local_rank: 0,
+        master_addr: "127.0.0.1".into(),
+        master_port: free_port(),
+    };
+    for round in 0..2 {
+        let g = distributed::ProcessGroup::new(&env, distributed::Backend::Gloo, Device::Cpu, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("round {round}: {e:#}"));
+        let job = distributed::init(g).unwrap();
+        let t = Tensor::from_slice(&[1.5f32, -2.0]);
+        job.all_reduce_sum(std::slice::from_ref(&t)).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&t).unwrap(), [1.5, -2.0]);
+        assert_eq!(distributed::sum_across(&[3.0]).unwrap(), [3.0]);
+        job.barrier().unwrap();
+        job.leave().unwrap();
+        assert!(distributed::group().is_none());
+    }
+}
+
+/// The CPU's kernels are deterministic already: `--deterministic` leaves a CPU run's weights as
+/// they were, bit for bit.
+#[test]
+fn deterministic_leaves_cpu_training_unchanged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    data(d, 32);
+    let [aekl, _, _] = configs(d, 1);
+    let weights: Vec<Vec<(String, Tensor)>> = [false, true]
+        .into_iter()
+        .map(|det| {
+            let run = d.join(format!("run-{det}"));
+            let mut args = train_args("aekl", &aekl, d, &run);
+            if det {
+                args.push("--deterministic");
+            }
+            ok(common::run::medgen(&args));
+            let mut w = Tensor::read_safetensors(run.join("final_model.safetensors")).unwrap();
+            w.sort_by(|a, b| a.0.cmp(&b.0));
+            w
+        })
+        .collect();
+    assert_eq!(weights[0].len(), weights[1].len());
+    for ((name, a), (n2, b)) in weights[0].iter().zip(&weights[1]) {
+        assert_eq!(name, n2);
+        assert!(a.equal(b), "{name}: --deterministic changed the CPU run's weights");
+    }
 }

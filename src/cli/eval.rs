@@ -14,6 +14,9 @@ use std::path::{Path, PathBuf};
 pub struct Args {
     #[command(subcommand)]
     task: Task,
+    /// Reproducible CUDA runs: deterministic cuDNN, no cuDNN benchmarking, no TF32 (see README).
+    #[arg(long, global = true)]
+    deterministic: bool,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -126,6 +129,9 @@ struct ReportArgs {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if a.deterministic {
+        device::set_deterministic()?;
+    }
     match a.task {
         Task::Reconstruction(r) => reconstruction(r),
         Task::FlairToT1w(t) => flair_to_t1w(t),

@@ -13,6 +13,9 @@ use tch::Tensor;
 pub struct Args {
     #[command(subcommand)]
     task: Task,
+    /// Reproducible CUDA runs: deterministic cuDNN, no cuDNN benchmarking, no TF32 (see README).
+    #[arg(long, global = true)]
+    deterministic: bool,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -104,6 +107,9 @@ struct FlairArgs {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if a.deterministic {
+        device::set_deterministic()?;
+    }
     match a.task {
         Task::T1w(t) => t1w(t),
         Task::FlairToT1w(f) => flair_to_t1w(f),

@@ -61,17 +61,22 @@ pub struct Args {
     /// for the other processes at the rendezvous and in any collective before failing.
     #[arg(long, default_value_t = 300.0)]
     dist_timeout: f64,
+    /// Reproducible CUDA runs: deterministic cuDNN, no cuDNN benchmarking, no TF32 (see README).
+    #[arg(long)]
+    deterministic: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if a.deterministic {
+        device::set_deterministic()?;
+    }
     let mut device = device::parse(&a.device)?;
+    let mut job = None;
     if let Some(env) = crate::distributed::DistEnv::from_env()? {
-        // One GPU per process, as torchrun jobs: cuda means cuda:LOCAL_RANK.
-        if device.is_cuda() {
-            device = tch::Device::Cuda(env.local_rank);
-        }
+        // One GPU per process: cuda:LOCAL_RANK, or the one GPU a Slurm task is bound to.
+        device = crate::distributed::rank_device(device, env.local_rank, tch::Cuda::device_count().max(0) as usize)?;
         ensure!(a.dist_timeout > 0.0, "--dist-timeout must be positive");
-        crate::distributed::init_from_env(device, std::time::Duration::from_secs_f64(a.dist_timeout))?;
+        job = crate::distributed::init_from_env(device, std::time::Duration::from_secs_f64(a.dist_timeout))?;
     }
     let precision = a.precision.unwrap_or(if device.is_cuda() { Precision::Fp16 } else { Precision::Fp32 });
     let inputs = TrainInputs {
@@ -87,9 +92,14 @@ pub fn run(a: Args) -> Result<()> {
         venv: a.venv,
         max_steps: a.max_steps,
     };
-    match a.stage {
+    let trained = match a.stage {
         Stage::Aekl => train_aekl(&inputs),
         Stage::Ldm => train_ldm(&inputs),
         Stage::Controlnet => train_controlnet(&inputs),
+    };
+    // A failed job's group is aborted as `job` drops (its peers may be gone).
+    match job {
+        Some(job) if trained.is_ok() => job.leave(),
+        _ => trained,
     }
 }

@@ -8,7 +8,12 @@
 // ProcessGroupGloo.hpp includes Gloo's headers, which the PyPI wheel does not ship (Gloo itself is
 // compiled into libtorch_cpu): `make setup` extracts them from Debian's libgloo-dev. Only types
 // held behind pointers come from them, nothing of Gloo's is linked from there.
+//
+// NCCL's process group runs watchdog threads that must be joined before the process exits (else
+// they outlive libtorch's static state and abort the exit): the Rust side ends every group with
+// medgen_dist_shutdown after a clean run, or medgen_dist_abort after a failure.
 #include <ATen/ATen.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/csrc/distributed/c10d/Types.hpp>
@@ -93,12 +98,19 @@ int medgen_dist_backends() {
   return b;
 }
 
-// Joins the group: `backend` "gloo" or "nccl". Returns a handle, or null with the reason in `err`.
+// Joins the group: `backend` "gloo" or "nccl"; `cuda_device` this rank's GPU, or -1 for none.
+// Returns a handle, or null with the reason in `err`.
 void* medgen_dist_new(const char* backend, const char* master_addr, int master_port, int rank, int world_size,
-                      double timeout_s, char* err, size_t err_len) {
+                      int cuda_device, double timeout_s, char* err, size_t err_len) {
   Group* out = nullptr;
   int rc = guarded(err, err_len, [&] {
     const std::string name(backend), addr(master_addr);
+    // NCCL creates its communicators, and Gloo stages CUDA tensors, on the current device; and
+    // a stream or allocation made before it is set lands on cuda:0, shared by every local rank.
+    if (cuda_device >= 0) {
+      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)
+          ->setDevice(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(cuda_device)));
+    }
     const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000.0));
     c10d::TCPStoreOptions so;
     so.port = static_cast<std::uint16_t>(master_port);
@@ -129,6 +141,9 @@ void* medgen_dist_new(const char* backend, const char* master_addr, int master_p
       auto opts = c10d::ProcessGroupNCCL::Options::create();
       opts->timeout = timeout;
       pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world_size, opts);
+      // As init_process_group(device_id=...): barriers and object collectives use this GPU
+      // instead of guessing rank % device count.
+      if (cuda_device >= 0) pg->setBoundDeviceId(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(cuda_device)));
 #else
       throw std::runtime_error("this medgen was built without NCCL (its headers were not found at build time)");
 #endif
@@ -140,7 +155,21 @@ void* medgen_dist_new(const char* backend, const char* master_addr, int master_p
   return rc == 0 ? out : nullptr;
 }
 
-void medgen_dist_free(void* g) { delete static_cast<Group*>(g); }
+// After a clean run: as destroy_process_group, NCCL flushes its queue and joins its watchdog;
+// then the group and the store are freed (rank 0's store server stops: every rank has passed the
+// final barrier). The handle is gone even when this fails.
+int medgen_dist_shutdown(void* g, char* err, size_t err_len) {
+  std::unique_ptr<Group> grp(static_cast<Group*>(g));
+  return guarded(err, err_len, [&] { grp->backend->shutdown(); });
+}
+
+// After a failure, when peers may be dead or stuck: NCCL aborts its communicators and stops its
+// watchdog without waiting for them. The group is not freed: freeing a Gloo group waits for its
+// queued collectives, each up to the timeout, and the process is about to exit anyway.
+int medgen_dist_abort(void* g, char* err, size_t err_len) {
+  auto* grp = static_cast<Group*>(g);
+  return guarded(err, err_len, [&] { grp->backend->abort(); });
+}
 
 // In-place sum of each tensor across the group (every rank passes the same shapes, in order).
 int medgen_dist_all_reduce_sum(void* g, at::Tensor** ts, int n, char* err, size_t err_len) {
