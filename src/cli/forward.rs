@@ -84,11 +84,13 @@ impl<'a> NamedInputs<'a> {
         Self { sd, dev, used: Default::default() }
     }
 
-    /// Moved to the device, its dtype kept (timesteps and class labels may be integers).
+    /// Moved to the device as float32, whatever its dtype (as the AutoencoderKL's inputs), except
+    /// `timesteps` and `class_labels`, whose integers keep their dtype.
     fn optional(&self, name: &str) -> Result<Option<Tensor>> {
         let Some(t) = self.sd.get(name) else { return Ok(None) };
         self.used.borrow_mut().insert(name.to_string());
-        let t = if t.is_floating_point() { t.f_to_kind(Kind::Float)? } else { t.shallow_clone() };
+        let keeps_integers = matches!(name, "timesteps" | "class_labels");
+        let t = if t.is_floating_point() || !keeps_integers { t.f_to_kind(Kind::Float)? } else { t.shallow_clone() };
         Ok(Some(t.f_to_device(self.dev)?))
     }
 
@@ -130,9 +132,15 @@ fn aekl(a: &Args, inputs: &StateDict, dev: tch::Device, out: &mut Vec<(String, T
         Op::Decode | Op::DecodeStage2Outputs => {
             out.push(("image".into(), m.decode(&input(inputs, "z", dev)?)?));
         }
-        Op::Reconstruct => out.push(("reconstruction".into(), m.reconstruct(&input(inputs, "x", dev)?)?)),
+        Op::Reconstruct => {
+            let x = input(inputs, "x", dev)?;
+            m.check_reconstructable(&x, &format!("{}: x", a.inputs.display()))?;
+            out.push(("reconstruction".into(), m.reconstruct(&x)?));
+        }
         Op::Forward => {
-            let (rec, mu, sigma) = m.forward(&input(inputs, "x", dev)?)?;
+            let x = input(inputs, "x", dev)?;
+            m.check_reconstructable(&x, &format!("{}: x", a.inputs.display()))?;
+            let (rec, mu, sigma) = m.forward(&x)?;
             out.push(("reconstruction".into(), rec));
             out.push(("z_mu".into(), mu));
             out.push(("z_sigma".into(), sigma));
