@@ -200,8 +200,7 @@ fn flair_to_t1w(a: TranslationArgs) -> Result<()> {
         result.insert(name.into(), mean_std_json(&rows, &TRANSLATION_METRICS)?);
         tables.push((name, rows));
     }
-    std::fs::create_dir_all(&a.out.output)
-        .with_context(|| format!("cannot create {}", a.out.output.display()))?;
+    std::fs::create_dir_all(&a.out.output).with_context(|| format!("cannot create {}", a.out.output.display()))?;
     for (name, rows) in tables {
         evaluate::write_tsv(&a.out.output.join(format!("flair_to_t1w_{name}.tsv")), &TRANSLATION_METRICS, &rows)?;
     }
