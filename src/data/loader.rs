@@ -241,19 +241,28 @@ impl DataLoader {
     /// [`num_batches`](Self::num_batches) of them, or an error (a file that cannot be read, images of
     /// different sizes in one batch, the thread stopping early) after which the epoch ends.
     pub fn epoch(&self, epoch: u64) -> Epoch {
-        let (tx, rx) = sync_channel(self.cfg.prefetch.max(1));
         let records = self.records.clone();
         let cfg = self.cfg.clone();
         let order = self.order(epoch);
         let nb = self.num_batches();
-        std::thread::spawn(move || {
-            let result = crate::panics::catch(|| send_batches(&records, &cfg, &order, nb, epoch, &tx));
-            if let Err(msg) = result {
-                let _ = tx.send(Err(anyhow!("the data loader failed: {msg}")));
-            }
-        });
-        Epoch { rx, received: 0, expected: nb, finished: false }
+        spawn_epoch(nb, self.cfg.prefetch, move |tx| send_batches(&records, &cfg, &order, nb, epoch, tx))
     }
+}
+
+/// Runs `send` on a background thread that feeds the returned epoch of `expected` batches; a panic in
+/// it reaches the consumer as an error.
+fn spawn_epoch(
+    expected: usize,
+    prefetch: usize,
+    send: impl FnOnce(&SyncSender<Result<Batch>>) + Send + 'static,
+) -> Epoch {
+    let (tx, rx) = sync_channel(prefetch.max(1));
+    std::thread::spawn(move || {
+        if let Err(msg) = crate::panics::catch(|| send(&tx)) {
+            let _ = tx.send(Err(anyhow!("the data loader failed: {msg}")));
+        }
+    });
+    Epoch { rx, received: 0, expected, finished: false }
 }
 
 /// Decodes and sends the batches of an epoch until the first error (which is sent too) or until the
@@ -323,5 +332,59 @@ impl Iterator for Epoch {
         };
         self.finished = true;
         Some(Err(item))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch() -> Batch {
+        Batch {
+            t1w: Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu)),
+            flair: None,
+            rows: vec![0],
+            drop_context: vec![false],
+        }
+    }
+
+    /// A loader thread that stops early (it never should) is an error naming how far it got, not the end of
+    /// a shorter epoch.
+    #[test]
+    fn an_epoch_that_ends_early_is_an_error() {
+        let mut epoch = spawn_epoch(3, 2, |tx| {
+            let _ = tx.send(Ok(batch()));
+        });
+        assert!(epoch.next().unwrap().is_ok());
+        let e = format!("{:#}", epoch.next().unwrap().unwrap_err());
+        assert_eq!(e, "the data loader stopped after 1 of 3 batches");
+        assert!(epoch.next().is_none());
+    }
+
+    /// A panic while decoding is caught on the loader thread and arrives as an error after the batches sent
+    /// before it.
+    #[test]
+    fn a_panic_in_the_loader_thread_is_an_error() {
+        let mut epoch = spawn_epoch(3, 2, |tx| {
+            let _ = tx.send(Ok(batch()));
+            panic!("decoder bug");
+        });
+        assert!(epoch.next().unwrap().is_ok());
+        let e = format!("{:#}", epoch.next().unwrap().unwrap_err());
+        assert!(e.starts_with("the data loader failed: internal error at ") && e.ends_with("decoder bug"), "{e}");
+        assert!(epoch.next().is_none());
+    }
+
+    /// Exactly the expected batches, then the end, even if the thread had more.
+    #[test]
+    fn an_epoch_yields_exactly_its_batches() {
+        let epoch = spawn_epoch(2, 1, |tx| {
+            for _ in 0..3 {
+                if tx.send(Ok(batch())).is_err() {
+                    return;
+                }
+            }
+        });
+        assert_eq!(epoch.map(|b| b.unwrap()).count(), 2);
     }
 }
