@@ -215,7 +215,7 @@ fn a_batch_of_mixed_sizes_is_an_error_naming_both_files() {
         let cfg = LoaderConfig { batch_size: 3, shuffle: false, with_flair, ..Default::default() };
         let loader = DataLoader::new(records.clone(), cfg).unwrap();
         assert_eq!(loader.num_batches(), 2);
-        let got: Vec<_> = loader.epoch(0).collect();
+        let got: Vec<_> = loader.epoch(0).into_iter().collect();
         assert_eq!(got.len(), 2, "one good batch, then the error");
         assert!(got[0].is_ok());
         let e = format!("{:#}", got[1].as_ref().unwrap_err());
@@ -225,7 +225,7 @@ fn a_batch_of_mixed_sizes_is_an_error_naming_both_files() {
     // The same size everywhere: exactly num_batches batches, then the end.
     let cfg = LoaderConfig { batch_size: 4, shuffle: false, ..Default::default() };
     let loader = DataLoader::new(read_list(&write_pairs(tmp.path(), 6)).unwrap(), cfg).unwrap();
-    let got: Vec<_> = loader.epoch(0).map(|b| b.unwrap()).collect();
+    let got: Vec<_> = loader.epoch(0).into_iter().map(|b| b.unwrap()).collect();
     assert_eq!(got.len(), loader.num_batches());
     assert_eq!(got.iter().map(|b| b.rows.len()).collect::<Vec<_>>(), [4, 2]);
 }

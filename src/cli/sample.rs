@@ -190,6 +190,9 @@ fn write_manifest(out: &Path, settings: &Value, jobs: &[Job]) -> Result<()> {
     std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Stores one sampled image of a job, with its FLAIR input if any.
+type WriteImage<'a> = &'a dyn Fn(&Job, &Tensor, Option<&Tensor>) -> Result<()>;
+
 /// Samples the jobs in batches; `write` stores each image of a batch.
 fn run_jobs(
     s: &Setup,
@@ -198,7 +201,7 @@ fn run_jobs(
     latent_shape: [i64; 3],
     c: &Common,
     what: &str,
-    write: &dyn Fn(&Job, &Tensor, Option<&Tensor>) -> Result<()>,
+    write: WriteImage,
 ) -> Result<()> {
     let (kind, sched) = s.section.scheduler(&s.section_path)?;
     let sampler = Sampler {

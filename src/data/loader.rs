@@ -262,7 +262,7 @@ fn spawn_epoch(
             let _ = tx.send(Err(anyhow!("the data loader failed: {msg}")));
         }
     });
-    Epoch { rx, received: 0, expected, finished: false }
+    Epoch(Batches { rx, received: 0, expected, finished: false })
 }
 
 /// Decodes and sends the batches of an epoch until the first error (which is sent too) or until the
@@ -305,17 +305,30 @@ fn collate(records: &[PairRecord], cfg: &LoaderConfig, chunk: &[usize], epoch: u
     Ok(Batch { t1w, flair, rows: chunk.to_vec(), drop_context: samples.iter().map(|x| x.2).collect() })
 }
 
+/// The batches of one epoch, to iterate over. An `IntoIterator` (as the channel receiver it replaced
+/// was), so the training loops' `.into_iter()` calls stay as they were.
+pub struct Epoch(Batches);
+
+impl IntoIterator for Epoch {
+    type Item = Result<Batch>;
+    type IntoIter = Batches;
+
+    fn into_iter(self) -> Batches {
+        self.0
+    }
+}
+
 /// The batches of one epoch, as they are decoded. It yields exactly the epoch's number of batches, or
 /// stops after an error: a loader thread that ends early (it never should) is an error too, so an
 /// epoch can never end short without a word.
-pub struct Epoch {
+pub struct Batches {
     rx: Receiver<Result<Batch>>,
     received: usize,
     expected: usize,
     finished: bool,
 }
 
-impl Iterator for Epoch {
+impl Iterator for Batches {
     type Item = Result<Batch>;
 
     fn next(&mut self) -> Option<Result<Batch>> {
@@ -354,7 +367,8 @@ mod tests {
     fn an_epoch_that_ends_early_is_an_error() {
         let mut epoch = spawn_epoch(3, 2, |tx| {
             let _ = tx.send(Ok(batch()));
-        });
+        })
+        .into_iter();
         assert!(epoch.next().unwrap().is_ok());
         let e = format!("{:#}", epoch.next().unwrap().unwrap_err());
         assert_eq!(e, "the data loader stopped after 1 of 3 batches");
@@ -368,7 +382,8 @@ mod tests {
         let mut epoch = spawn_epoch(3, 2, |tx| {
             let _ = tx.send(Ok(batch()));
             panic!("decoder bug");
-        });
+        })
+        .into_iter();
         assert!(epoch.next().unwrap().is_ok());
         let e = format!("{:#}", epoch.next().unwrap().unwrap_err());
         assert!(e.starts_with("the data loader failed: internal error at ") && e.ends_with("decoder bug"), "{e}");
@@ -385,6 +400,7 @@ mod tests {
                 }
             }
         });
-        assert_eq!(epoch.map(|b| b.unwrap()).count(), 2);
+        let batches: Vec<Batch> = epoch.into_iter().map(|b| b.unwrap()).collect();
+        assert_eq!(batches.len(), 2);
     }
 }
