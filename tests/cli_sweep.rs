@@ -53,8 +53,8 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Runs one case; returns a description of what went wrong (none: it behaved).
-fn check(c: &Case) -> Option<String> {
+/// Runs one case; returns its error line, or a description of what went wrong.
+fn check(c: &Case) -> Result<String, String> {
     let args: Vec<&str> = c.args.iter().map(String::as_str).collect();
     let o = medgen(&args);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
@@ -73,16 +73,18 @@ fn check(c: &Case) -> Option<String> {
             problems.push("a panic".into());
         }
     } else {
-        // One `error:` line, first; the only lines allowed after it are a checkpoint load report's indented
-        // key-by-key list (`  missing key ...`), which the error line itself summarises with counts.
-        let first_is_error = lines.first().is_some_and(|l| l.starts_with("error:"));
-        let rest_are_details = lines.iter().skip(1).all(|l| l.starts_with("  "));
-        if error_lines.len() != 1 || !first_is_error || !rest_are_details {
+        // One `error:` line. Around it only: before, `preprocess`'s report of each file it skipped (by design,
+        // with the reason); after, a checkpoint load report's indented key-by-key list (`  missing key ...`),
+        // which the error line itself summarises with counts.
+        let at = lines.iter().position(|l| l.starts_with("error:"));
+        let fits = at.is_some_and(|at| {
+            lines[..at].iter().all(|l| l.starts_with("skipped ")) && lines[at + 1..].iter().all(|l| l.starts_with("  "))
+        });
+        if error_lines.len() != 1 || !fits {
             problems.push(format!("{} stderr lines, {} `error:` lines (want one)", lines.len(), error_lines.len()));
         }
     }
     let last = error_lines.last().map(|l| l.to_string()).unwrap_or_default();
-    println!("  {last}");
     for e in &c.expect {
         if !err.contains(e.as_str()) {
             problems.push(format!("the error does not mention {e:?}"));
@@ -112,8 +114,10 @@ fn check(c: &Case) -> Option<String> {
         }
         Out::None => {}
     }
-    (!problems.is_empty())
-        .then(|| format!("{}: {}\n  medgen {}\n  stderr: {err}", c.name, problems.join("; "), args.join(" ")))
+    if problems.is_empty() {
+        return Ok(last);
+    }
+    Err(format!("{}: {}\n  medgen {}\n  stderr: {err}", c.name, problems.join("; "), args.join(" ")))
 }
 
 fn gray(path: &Path, w: u32, h: u32, v: u8) {
@@ -245,6 +249,15 @@ fn every_subcommand_refuses_bad_input_with_one_clear_line() {
     write(&header_only, b"t1w\tflair\n");
     let no_header = p("no_header.tsv");
     write(&no_header, b"");
+
+    let odd_flair_dir = p("flair_odd");
+    std::fs::create_dir_all(&odd_flair_dir).unwrap();
+    std::fs::copy(&odd.1, odd_flair_dir.join("c_FLAIR.png")).unwrap();
+    // Volumes that are not NIfTI: every subject skipped, nothing usable.
+    let bids = p("bids_corrupt");
+    std::fs::create_dir_all(bids.join("sub-01/ses-1/anat")).unwrap();
+    write(&bids.join("sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz"), b"\x1f\x8b not really gzip");
+    write(&bids.join("sub-01/ses-1/anat/sub-01_ses-1_FLAIR.nii.gz"), b"");
 
     // Evaluation: 128x128 T1w (MS-SSIM's smallest), its "sample", and a 64x64 FLAIR.
     let ev = p("eval");
@@ -606,6 +619,12 @@ fn every_subcommand_refuses_bad_input_with_one_clear_line() {
             &["empty_dir"],
             Out::NoPartial(out("p2")),
         ),
+        case(
+            "preprocess: corrupt volumes",
+            &["preprocess", "--input", s(&bids), "--output", &os("p3")],
+            &["nothing usable", "bids_corrupt"],
+            Out::NoPartial(out("p3")),
+        ),
         // synth
         case(
             "synth: missing nilearn wheel",
@@ -738,7 +757,31 @@ fn every_subcommand_refuses_bad_input_with_one_clear_line() {
             &["junk.png"],
             Out::Untouched(out("s10")),
         ),
+        c2(
+            "sample flair-to-t1w: a size the autoencoder cannot reconstruct",
+            sample_flair(&os("s11"), s(&odd_flair_dir), &[]),
+            &["c_FLAIR.png", "32x31", "multiples of 2"],
+            Out::Untouched(out("s11")),
+        ),
         // eval
+        c2(
+            "eval reconstruction: a size the autoencoder cannot reconstruct",
+            cat(&[
+                &[
+                    "eval",
+                    "reconstruction",
+                    "--device",
+                    "cpu",
+                    "--list",
+                    s(&odd_size.join("train.tsv")),
+                    "--output",
+                    &os("v9"),
+                ],
+                &stage1,
+            ]),
+            &["odd_T1w.png", "32x31", "multiples of 2"],
+            Out::Untouched(out("v9")),
+        ),
         c2(
             "eval reconstruction: mixed sizes",
             cat(&[
@@ -842,8 +885,11 @@ fn every_subcommand_refuses_bad_input_with_one_clear_line() {
     for c in &cases {
         let t = std::time::Instant::now();
         let r = check(c);
-        println!("{:60} {:5.1} s {}", c.name, t.elapsed().as_secs_f64(), if r.is_some() { "FAILED" } else { "ok" });
-        failures.extend(r);
+        println!("{:60} {:5.1} s {}", c.name, t.elapsed().as_secs_f64(), if r.is_err() { "FAILED" } else { "ok" });
+        match r {
+            Ok(line) => println!("    {line}"),
+            Err(e) => failures.push(e),
+        }
     }
 
     // Inputs that used to panic and are valid: integer and bool tensors where floats are expected are cast.
