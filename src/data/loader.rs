@@ -259,7 +259,7 @@ fn spawn_epoch(
     let (tx, rx) = sync_channel(prefetch.max(1));
     std::thread::spawn(move || {
         if let Err(msg) = crate::panics::catch(|| send(&tx)) {
-            let _ = tx.send(Err(anyhow!("the data loader failed: {msg}")));
+            let _ = tx.send(Err(anyhow!("the data loader failed: {msg}, please report")));
         }
     });
     Epoch(Batches { rx, received: 0, expected, finished: false })
@@ -386,7 +386,10 @@ mod tests {
         .into_iter();
         assert!(epoch.next().unwrap().is_ok());
         let e = format!("{:#}", epoch.next().unwrap().unwrap_err());
-        assert!(e.starts_with("the data loader failed: internal error at ") && e.ends_with("decoder bug"), "{e}");
+        assert!(
+            e.starts_with("the data loader failed: internal error at ") && e.ends_with("decoder bug, please report"),
+            "{e}"
+        );
         assert!(epoch.next().is_none());
     }
 
