@@ -2,25 +2,39 @@
 //! autoencoder's reconstruction MS-SSIM, FLAIR->T1w PSNR/MAE/MS-SSIM per image (and two
 //! baselines), sample diversity, and FID/KID. Images are read as the reference reads them
 //! (`u8 / 255`, no reorientation); the metrics themselves live in `crate::metrics`.
-use crate::data::loader::{load_png, PairRecord};
+use crate::data::loader::{load_png, stack_images, PairRecord};
 use crate::metrics::regression::{mae, psnr, MeanStd};
 use crate::metrics::ssim::{ms_ssim, ms_ssim_diversity, SsimConfig};
 use crate::nets::AutoencoderKL;
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 /// Reads PNGs into a `(B, 1, H, W)` batch.
 pub fn load_batch(paths: &[PathBuf]) -> Result<Tensor> {
-    let imgs: Result<Vec<Tensor>> = paths.iter().map(|p| load_png(p)).collect();
-    let imgs = imgs?;
+    let imgs: Vec<Tensor> = paths.iter().map(|p| load_png(p)).collect::<Result<_>>()?;
     ensure!(!imgs.is_empty(), "no images to load");
-    let size = imgs[0].size();
-    for (p, t) in paths.iter().zip(&imgs) {
-        ensure!(t.size() == size, "{} is {:?}, the first image {:?}", p.display(), t.size(), size);
+    stack_images(&imgs, &paths.iter().map(PathBuf::as_path).collect::<Vec<_>>())
+}
+
+/// Checks two batches read from `a` and `b` (the same number of files) have one image size, naming the first
+/// pair of files when they do not.
+fn check_pair_sizes(a: &Tensor, a_paths: &[PathBuf], b: &Tensor, b_paths: &[PathBuf]) -> Result<()> {
+    let (sa, sb) = (a.size(), b.size());
+    if sa != sb {
+        let name = |p: &[PathBuf]| p.first().map(|p| p.display().to_string()).unwrap_or_default();
+        bail!(
+            "{} is {}x{} but {} is {}x{}: the images compared must have one size",
+            name(a_paths),
+            sa[sa.len() - 2],
+            sa[sa.len() - 1],
+            name(b_paths),
+            sb[sb.len() - 2],
+            sb[sb.len() - 1]
+        );
     }
-    Ok(Tensor::stack(&imgs, 0))
+    Ok(())
 }
 
 /// The PNGs of a folder, sorted by name (the reference globs and sorts), `*_comparison.png` and
@@ -61,6 +75,7 @@ pub fn reconstruction_ms_ssim(
     for chunk in records.chunks(batch_size.max(1)) {
         let paths: Vec<PathBuf> = chunk.iter().map(|r| r.t1w.clone()).collect();
         let x = load_batch(&paths)?.to_device(device);
+        ae.check_reconstructable(&x, &paths[0].display().to_string())?;
         let recon = tch::no_grad(|| ae.reconstruct(&x))?;
         let col = |t: Tensor| Vec::<f64>::try_from(t.to_kind(Kind::Double).flatten(0, -1));
         let s = col(ms_ssim(&x, &recon, &cfg)?)?;
@@ -135,24 +150,28 @@ pub fn translation_metrics(
         let real_paths: Vec<PathBuf> = chunk.iter().map(|r| r.t1w.clone()).collect();
         let real = load_batch(&real_paths)?;
         let flair = || -> Result<Tensor> {
-            let paths: Result<Vec<PathBuf>> = chunk
+            let paths: Vec<PathBuf> = chunk
                 .iter()
                 .map(|r| r.flair.clone().with_context(|| format!("{}: no FLAIR in the list", r.t1w.display())))
-                .collect();
-            load_batch(&paths?)
+                .collect::<Result<_>>()?;
+            let flair = load_batch(&paths)?;
+            check_pair_sizes(&real, &real_paths, &flair, &paths)?;
+            Ok(flair)
         };
         let synthetic = match kind {
             Translation::Samples => {
                 let dir = samples.context("the samples folder")?;
-                let paths: Result<Vec<PathBuf>> = real_paths
+                let paths: Vec<PathBuf> = real_paths
                     .iter()
                     .map(|p| {
                         let f = dir.join(p.file_name().context("a T1w path without a file name")?);
                         ensure!(f.exists(), "{} is missing: sample the list first", f.display());
                         Ok(f)
                     })
-                    .collect();
-                load_batch(&paths?)?
+                    .collect::<Result<_>>()?;
+                let samples = load_batch(&paths)?;
+                check_pair_sizes(&real, &real_paths, &samples, &paths)?;
+                samples
             }
             Translation::FlairIdentity => flair()?,
             Translation::FlairLinearFit => linear_fit(&flair()?, &real),

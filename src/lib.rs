@@ -12,6 +12,7 @@ pub mod generate;
 pub mod losses;
 pub mod metrics;
 pub mod nets;
+pub mod panics;
 pub mod sampling;
 pub mod schedulers;
 pub mod text;

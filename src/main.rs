@@ -2,6 +2,7 @@ use clap::Parser;
 
 fn main() {
     tune_malloc();
+    medgen::panics::install_hook();
     let cli = medgen::cli::Cli::parse();
     if let Err(e) = medgen::cli::run(cli) {
         eprintln!("error: {e:#}");

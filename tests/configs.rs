@@ -2,7 +2,7 @@
 //! with the reason (what MONAI raises, or would only hit deep inside a forward pass).
 use medgen::config;
 use medgen::nets::PerLevel;
-use medgen::nets::{ControlNetConfig, DiffusionModelUNetConfig};
+use medgen::nets::{AutoencoderKL, AutoencoderKLConfig, ControlNetConfig, DiffusionModelUNetConfig};
 use medgen::schedulers::SchedulerKind;
 use std::path::PathBuf;
 
@@ -99,4 +99,93 @@ fn bad_unet_and_controlnet_configs_name_the_problem() {
     std::fs::write(&p, r#"{"ldm": {"scheduler": {"schedule": "linear_beta", "eta": 0.5}}}"#).unwrap();
     let e = format!("{:#}", config::scheduler_config(&p, SchedulerKind::Ddpm).unwrap_err());
     assert!(e.contains("eta"), "{e}");
+}
+
+#[track_caller]
+fn aekl_err(c: AutoencoderKLConfig) -> String {
+    format!("{:#}", c.validate().unwrap_err())
+}
+
+fn small_aekl() -> AutoencoderKLConfig {
+    AutoencoderKLConfig {
+        channels: vec![8, 8, 16],
+        attention_levels: vec![false, false, true],
+        num_res_blocks: PerLevel::Same(1),
+        norm_num_groups: 4,
+        ..Default::default()
+    }
+}
+
+/// What MONAI's AutoencoderKL refuses in its constructor, and what it only fails on inside a forward pass.
+#[test]
+fn bad_aekl_configs_name_the_problem() {
+    let base = small_aekl();
+    base.validate().unwrap();
+    let e = aekl_err(AutoencoderKLConfig { channels: vec![0, 0, 0], ..base.clone() });
+    assert!(e.contains("channels must be positive"), "{e}");
+    let e = aekl_err(AutoencoderKLConfig { channels: vec![8, 8, 18], ..base.clone() });
+    assert!(e.contains("18 is not a multiple of 4"), "{e}");
+    let e = aekl_err(AutoencoderKLConfig { attention_levels: vec![false, true], ..base.clone() });
+    assert!(e.contains("attention_levels"), "{e}");
+    let e = aekl_err(AutoencoderKLConfig { num_res_blocks: PerLevel::Each(vec![1, 1]), ..base.clone() });
+    assert!(e.contains("num_res_blocks"), "{e}");
+    let e = aekl_err(AutoencoderKLConfig { num_res_blocks: PerLevel::Each(vec![1, 1, -1]), ..base.clone() });
+    assert!(e.contains("negative"), "{e}");
+    // A level without ResBlocks keeps the previous level's width.
+    let e = aekl_err(AutoencoderKLConfig { num_res_blocks: PerLevel::Each(vec![1, 1, 0]), ..base.clone() });
+    assert!(e.contains("num_res_blocks[2] = 0 needs channels[2] == channels[1]"), "{e}");
+    // The decoder passes it through at the next level's width.
+    let e = aekl_err(AutoencoderKLConfig { num_res_blocks: PerLevel::Each(vec![1, 0, 1]), ..base.clone() });
+    assert!(e.contains("num_res_blocks[1] = 0 needs channels[1] == channels[2]"), "{e}");
+    for (name, c) in [
+        ("in_channels", AutoencoderKLConfig { in_channels: 0, ..base.clone() }),
+        ("out_channels", AutoencoderKLConfig { out_channels: -1, ..base.clone() }),
+        ("latent_channels", AutoencoderKLConfig { latent_channels: 0, ..base.clone() }),
+        ("norm_num_groups", AutoencoderKLConfig { norm_num_groups: 0, ..base.clone() }),
+        ("spatial_dims", AutoencoderKLConfig { spatial_dims: 3, ..base.clone() }),
+        (
+            "channels must not be empty",
+            AutoencoderKLConfig { channels: vec![], attention_levels: vec![], ..base.clone() },
+        ),
+    ] {
+        let e = aekl_err(c);
+        assert!(e.contains(name), "{name}: {e}");
+    }
+    // The same rule through a config file names the file.
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("aekl.json");
+    std::fs::write(
+        &p,
+        r#"{"stage1": {"params": {"channels": [8, 16], "attention_levels": [false, false],
+        "num_res_blocks": [1, 0], "norm_num_groups": 4}}}"#,
+    )
+    .unwrap();
+    let e = format!("{:#}", config::aekl_config(&p).unwrap_err());
+    assert!(e.contains("aekl.json") && e.contains("num_res_blocks[1] = 0"), "{e}");
+}
+
+/// The width rule is not stricter than the network: a level without ResBlocks at the same width builds and
+/// runs; images too small to encode, of a size that cannot come back, or of an integer dtype are refused
+/// before the first layer.
+#[test]
+fn aekl_inputs_are_checked_before_the_forward_pass() {
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let cfg =
+        AutoencoderKLConfig { num_res_blocks: PerLevel::Each(vec![0, 1, 1]), channels: vec![8, 8, 16], ..small_aekl() };
+    cfg.validate().unwrap();
+    let ae = AutoencoderKL::new(&vs.root(), &cfg, medgen::checkpoint::Generation::Monai).unwrap();
+    let x = tch::Tensor::rand([1, 1, 8, 12], (tch::Kind::Float, tch::Device::Cpu));
+    assert_eq!(tch::no_grad(|| ae.reconstruct(&x)).unwrap().size(), [1, 1, 8, 12]);
+    ae.check_reconstructable(&x, "x").unwrap();
+    let e = format!(
+        "{:#}",
+        ae.encode(&tch::Tensor::rand([1, 1, 3, 12], (tch::Kind::Float, tch::Device::Cpu))).unwrap_err()
+    );
+    assert!(e.contains("3x12") && e.contains("at least 4x4"), "{e}");
+    let odd = tch::Tensor::rand([1, 1, 10, 12], (tch::Kind::Float, tch::Device::Cpu));
+    let e = format!("{:#}", ae.check_reconstructable(&odd, "the image batch").unwrap_err());
+    assert!(e.contains("the image batch is 10x12") && e.contains("multiples of 4"), "{e}");
+    let ints = tch::Tensor::ones([1, 1, 8, 8], (tch::Kind::Int64, tch::Device::Cpu));
+    let e = format!("{:#}", ae.encode(&ints).unwrap_err());
+    assert!(e.contains("Int64"), "{e}");
 }

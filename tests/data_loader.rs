@@ -199,3 +199,46 @@ fn shards_partition_each_epoch_like_distributed_sampler() {
     }
     assert!(DataLoader::new(records, cfg(2, Some((2, 2)))).is_err());
 }
+
+/// A batch of mixed sizes is an error naming both files and both sizes, and it ends the epoch: the
+/// batches before it arrive, nothing after it (never a shorter epoch that looks complete).
+#[test]
+fn a_batch_of_mixed_sizes_is_an_error_naming_both_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let list = write_pairs(tmp.path(), 6);
+    let records = read_list(&list).unwrap();
+    // Row 4 (second batch of 3): a 12x10 pair among 16x24 ones.
+    let small = image::GrayImage::from_fn(10, 12, |x, y| image::Luma([(x + y) as u8]));
+    small.save(&records[4].t1w).unwrap();
+    small.save(records[4].flair.as_ref().unwrap()).unwrap();
+    for with_flair in [false, true] {
+        let cfg = LoaderConfig { batch_size: 3, shuffle: false, with_flair, ..Default::default() };
+        let loader = DataLoader::new(records.clone(), cfg).unwrap();
+        assert_eq!(loader.num_batches(), 2);
+        let got: Vec<_> = loader.epoch(0).into_iter().collect();
+        assert_eq!(got.len(), 2, "one good batch, then the error");
+        assert!(got[0].is_ok());
+        let e = format!("{:#}", got[1].as_ref().unwrap_err());
+        assert!(e.contains("s3_T1w.png") && e.contains("16x24"), "{e}");
+        assert!(e.contains("s4_T1w.png") && e.contains("12x10"), "{e}");
+    }
+    // The same size everywhere: exactly num_batches batches, then the end.
+    let cfg = LoaderConfig { batch_size: 4, shuffle: false, ..Default::default() };
+    let loader = DataLoader::new(read_list(&write_pairs(tmp.path(), 6)).unwrap(), cfg).unwrap();
+    let got: Vec<_> = loader.epoch(0).into_iter().map(|b| b.unwrap()).collect();
+    assert_eq!(got.len(), loader.num_batches());
+    assert_eq!(got.iter().map(|b| b.rows.len()).collect::<Vec<_>>(), [4, 2]);
+}
+
+/// The size check the sampler, the metrics and the grids share.
+#[test]
+fn stack_images_names_both_files() {
+    use medgen::data::loader::stack_images;
+    let a = Tensor::zeros([1, 4, 6], (tch::Kind::Float, tch::Device::Cpu));
+    let b = Tensor::zeros([1, 4, 5], (tch::Kind::Float, tch::Device::Cpu));
+    let (pa, pb) = (Path::new("a.png"), Path::new("b.png"));
+    assert_eq!(stack_images(&[a.shallow_clone(), a.shallow_clone()], &[pa, pa]).unwrap().size(), [2, 1, 4, 6]);
+    let e = format!("{:#}", stack_images(&[a, b], &[pa, pb]).unwrap_err());
+    assert!(e.contains("a.png is 4x6") && e.contains("b.png is 4x5"), "{e}");
+    assert!(stack_images(&[], &[]).is_err());
+}

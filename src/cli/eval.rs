@@ -186,7 +186,6 @@ fn flair_to_t1w(a: TranslationArgs) -> Result<()> {
     let records = read_list(&a.list)?;
     let records = &records[..records.len().min(a.limit)];
     ensure!(!records.is_empty(), "{}: empty list", a.list.display());
-    std::fs::create_dir_all(&a.out.output)?;
     let mut kinds = vec![(Translation::Samples, "model")];
     if a.baselines {
         kinds.push((Translation::FlairIdentity, "baseline_flair"));
@@ -196,14 +195,20 @@ fn flair_to_t1w(a: TranslationArgs) -> Result<()> {
     result.insert("metric".into(), json!("flair_to_t1w"));
     result.insert("samples".into(), json!(a.samples));
     result.insert("list".into(), json!(a.list));
+    // Everything is computed before anything is written: a bad input leaves no partial results.
+    let mut tables = Vec::new();
     for (kind, name) in kinds {
         let pb = super::progress_bar(records.len() as u64, name, "images");
         let rows = evaluate::translation_metrics(records, Some(&a.samples), kind, a.batch_size, &mut |i, _| {
             pb.set_position(i as u64)
         })?;
         pb.finish();
-        evaluate::write_tsv(&a.out.output.join(format!("flair_to_t1w_{name}.tsv")), &TRANSLATION_METRICS, &rows)?;
         result.insert(name.into(), mean_std_json(&rows, &TRANSLATION_METRICS)?);
+        tables.push((name, rows));
+    }
+    std::fs::create_dir_all(&a.out.output).with_context(|| format!("cannot create {}", a.out.output.display()))?;
+    for (name, rows) in tables {
+        evaluate::write_tsv(&a.out.output.join(format!("flair_to_t1w_{name}.tsv")), &TRANSLATION_METRICS, &rows)?;
     }
     write_json(&a.out.output, "flair_to_t1w.json", &Value::Object(result))
 }
@@ -265,6 +270,7 @@ fn pm(v: &Value, digits: usize) -> String {
 
 fn report(a: ReportArgs) -> Result<()> {
     let d = &a.eval;
+    ensure!(d.is_dir(), "--eval {}: no such folder (the `medgen eval` outputs)", d.display());
     let mut md = String::from("# medgen evaluation report\n\n");
     md.push_str("Metrics computed as the reference scripts compute them (reference-repo.md §5), next to the ");
     md.push_str("figures the article reports for the real models on real data.\n\n");

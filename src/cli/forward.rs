@@ -1,8 +1,8 @@
 use super::{ModelArgs, ModelKind};
 use crate::checkpoint::StateDict;
 use crate::device;
-use crate::nets::Conditioning;
-use anyhow::{anyhow, bail, Result};
+use crate::nets::{AutoencoderKL, Conditioning, ControlNet, DiffusionModelUNet};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::ValueEnum;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -84,11 +84,13 @@ impl<'a> NamedInputs<'a> {
         Self { sd, dev, used: Default::default() }
     }
 
-    /// Moved to the device, its dtype kept (timesteps and class labels may be integers).
+    /// Moved to the device as float32, whatever its dtype (as the AutoencoderKL's inputs), except
+    /// `timesteps` and `class_labels`, whose integers keep their dtype.
     fn optional(&self, name: &str) -> Result<Option<Tensor>> {
         let Some(t) = self.sd.get(name) else { return Ok(None) };
         self.used.borrow_mut().insert(name.to_string());
-        let t = if t.is_floating_point() { t.f_to_kind(Kind::Float)? } else { t.shallow_clone() };
+        let keeps_integers = matches!(name, "timesteps" | "class_labels");
+        let t = if t.is_floating_point() || !keeps_integers { t.f_to_kind(Kind::Float)? } else { t.shallow_clone() };
         Ok(Some(t.f_to_device(self.dev)?))
     }
 
@@ -116,9 +118,13 @@ impl<'a> NamedInputs<'a> {
     }
 }
 
-fn aekl(a: &Args, inputs: &StateDict, dev: tch::Device, out: &mut Vec<(String, Tensor)>) -> Result<()> {
-    let l = a.m.load_aekl(&a.weights, dev)?;
-    let m = &l.model;
+fn aekl(
+    a: &Args,
+    m: &AutoencoderKL,
+    inputs: &StateDict,
+    dev: tch::Device,
+    out: &mut Vec<(String, Tensor)>,
+) -> Result<()> {
     let _guard = tch::no_grad_guard();
     tch::manual_seed(a.seed);
     match a.op.unwrap_or(Op::Reconstruct) {
@@ -130,9 +136,15 @@ fn aekl(a: &Args, inputs: &StateDict, dev: tch::Device, out: &mut Vec<(String, T
         Op::Decode | Op::DecodeStage2Outputs => {
             out.push(("image".into(), m.decode(&input(inputs, "z", dev)?)?));
         }
-        Op::Reconstruct => out.push(("reconstruction".into(), m.reconstruct(&input(inputs, "x", dev)?)?)),
+        Op::Reconstruct => {
+            let x = input(inputs, "x", dev)?;
+            m.check_reconstructable(&x, "x")?;
+            out.push(("reconstruction".into(), m.reconstruct(&x)?));
+        }
         Op::Forward => {
-            let (rec, mu, sigma) = m.forward(&input(inputs, "x", dev)?)?;
+            let x = input(inputs, "x", dev)?;
+            m.check_reconstructable(&x, "x")?;
+            let (rec, mu, sigma) = m.forward(&x)?;
             out.push(("reconstruction".into(), rec));
             out.push(("z_mu".into(), mu));
             out.push(("z_sigma".into(), sigma));
@@ -149,8 +161,7 @@ fn aekl(a: &Args, inputs: &StateDict, dev: tch::Device, out: &mut Vec<(String, T
     Ok(())
 }
 
-fn unet(a: &Args, inputs: &StateDict, dev: tch::Device, out: &mut Vec<(String, Tensor)>) -> Result<()> {
-    let l = a.m.load_unet(&a.weights, dev)?;
+fn unet(m: &DiffusionModelUNet, inputs: &StateDict, dev: tch::Device, out: &mut Vec<(String, Tensor)>) -> Result<()> {
     let _guard = tch::no_grad_guard();
     let inp = NamedInputs::new(inputs, dev);
     let (x, t) = (inp.required("x")?, inp.required("timesteps")?);
@@ -170,19 +181,24 @@ fn unet(a: &Args, inputs: &StateDict, dev: tch::Device, out: &mut Vec<(String, T
         down_block_additional_residuals: (!down.is_empty()).then_some(down.as_slice()),
         mid_block_additional_residual: mid.as_ref(),
     };
-    out.push(("output".into(), l.model.forward(&x, &t, &cond)?));
+    out.push(("output".into(), m.forward(&x, &t, &cond)?));
     Ok(())
 }
 
-fn controlnet(a: &Args, inputs: &StateDict, dev: tch::Device, out: &mut Vec<(String, Tensor)>) -> Result<()> {
-    let l = a.m.load_controlnet(&a.weights, dev)?;
+fn controlnet(
+    a: &Args,
+    m: &ControlNet,
+    inputs: &StateDict,
+    dev: tch::Device,
+    out: &mut Vec<(String, Tensor)>,
+) -> Result<()> {
     let _guard = tch::no_grad_guard();
     let inp = NamedInputs::new(inputs, dev);
     let (x, t, cn_cond) = (inp.required("x")?, inp.required("timesteps")?, inp.required("controlnet_cond")?);
     let (context, class_labels) = (inp.optional("context")?, inp.optional("class_labels")?);
     inp.check_all_used()?;
     let cond = Conditioning { context: context.as_ref(), class_labels: class_labels.as_ref(), ..Default::default() };
-    let res = l.model.forward(&x, &t, &cn_cond, a.conditioning_scale, &cond)?;
+    let res = m.forward(&x, &t, &cn_cond, a.conditioning_scale, &cond)?;
     for (i, d) in res.down_block_res_samples.into_iter().enumerate() {
         out.push((format!("down_block_res_samples.{i}"), d));
     }
@@ -197,10 +213,21 @@ pub fn run(a: Args) -> Result<()> {
     if a.m.model != ModelKind::Aekl && a.op.is_some_and(|op| op != Op::Forward) {
         bail!("--op {:?} is an AutoencoderKL operation; the {:?} only has `forward`", a.op.unwrap(), a.m.model);
     }
+    // Errors past loading the weights are about the inputs.
+    let on_inputs = || format!("--inputs {}", a.inputs.display());
     match a.m.model {
-        ModelKind::Aekl => aekl(&a, &inputs, dev, &mut out)?,
-        ModelKind::Unet => unet(&a, &inputs, dev, &mut out)?,
-        ModelKind::Controlnet => controlnet(&a, &inputs, dev, &mut out)?,
+        ModelKind::Aekl => {
+            let l = a.m.load_aekl(&a.weights, dev)?;
+            aekl(&a, &l.model, &inputs, dev, &mut out).with_context(on_inputs)?
+        }
+        ModelKind::Unet => {
+            let l = a.m.load_unet(&a.weights, dev)?;
+            unet(&l.model, &inputs, dev, &mut out).with_context(on_inputs)?
+        }
+        ModelKind::Controlnet => {
+            let l = a.m.load_controlnet(&a.weights, dev)?;
+            controlnet(&a, &l.model, &inputs, dev, &mut out).with_context(on_inputs)?
+        }
     }
     let mut sd_out = StateDict::new();
     for (k, v) in out {

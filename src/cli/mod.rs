@@ -18,7 +18,15 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
-#[command(name = "medgen", version, about = "MONAI Generative Models on libtorch")]
+#[command(
+    name = "medgen",
+    version,
+    about = "MONAI Generative Models on libtorch",
+    after_help = "Exit status: 0 on success; 1 on an error (a bad input, file or option: the one `error:` \
+                  line says what); 2 on a command line that does not parse; 70 on an internal error (a bug: \
+                  the `internal error at file:line` line asks for a report, and RUST_BACKTRACE=1 adds the \
+                  backtrace)."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

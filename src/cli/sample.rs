@@ -1,10 +1,10 @@
 //! `medgen sample t1w` and `medgen sample flair-to-t1w`: the reference sampling scripts
 //! (`sample_t1w.py`, `sample_flair_to_t1w.py`) with a seed per image and batches.
-use crate::data::loader::{load_png, read_list, PairRecord};
+use crate::data::loader::{load_png, read_list, stack_images, PairRecord};
 use crate::device;
 use crate::generate::{save_png, ModelPaths, Models, Sampler, SamplingSection, Text};
 use crate::text::context::PromptContexts;
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use tch::Tensor;
@@ -196,6 +196,9 @@ fn write_manifest(out: &Path, settings: &Value, jobs: &[Job]) -> Result<()> {
     std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Stores one sampled image of a job, with its FLAIR input if any.
+type WriteImage<'a> = &'a dyn Fn(&Job, &Tensor, Option<&Tensor>) -> Result<()>;
+
 /// Samples the jobs in batches; `write` stores each image of a batch.
 fn run_jobs(
     s: &Setup,
@@ -204,7 +207,7 @@ fn run_jobs(
     latent_shape: [i64; 3],
     c: &Common,
     what: &str,
-    write: &dyn Fn(&Job, &Tensor, Option<&Tensor>) -> Result<()>,
+    write: WriteImage,
 ) -> Result<()> {
     let (kind, sched) = s.section.scheduler(&s.section_path)?;
     let sampler = Sampler {
@@ -223,11 +226,11 @@ fn run_jobs(
     let pb = super::progress_bar(todo.len() as u64, what, "images");
     for chunk in todo.chunks(c.batch_size) {
         let seeds: Vec<i64> = chunk.iter().map(|j| j.seed).collect();
-        let flair = match chunk[0].flair {
-            Some(_) => {
-                let imgs: Result<Vec<Tensor>> =
-                    chunk.iter().map(|j| load_png(j.flair.as_ref().expect("every job has one"))).collect();
-                Some(Tensor::stack(&imgs?, 0))
+        let flair_paths: Option<Vec<&Path>> = chunk.iter().map(|j| j.flair.as_deref()).collect();
+        let flair = match flair_paths {
+            Some(paths) => {
+                let imgs: Vec<Tensor> = paths.iter().map(|p| load_png(p)).collect::<Result<_>>()?;
+                Some(stack_images(&imgs, &paths)?)
             }
             None => None,
         };
@@ -256,6 +259,21 @@ fn latent_shape(s: &Setup, h: i64, w: i64) -> Result<[i64; 3]> {
     Ok(want)
 }
 
+/// The config's `sampling.latent_shape`, checked against the autoencoder that decodes it.
+fn configured_latent_shape(s: &Setup, l: &[i64]) -> Result<[i64; 3]> {
+    let path = s.section_path.display();
+    let shape = <[i64; 3]>::try_from(l)
+        .map_err(|_| anyhow!("{path}: sampling.latent_shape must be [channels, h, w], got {l:?}"))?;
+    ensure!(shape.iter().all(|&n| n > 0), "{path}: sampling.latent_shape must be positive, got {l:?}");
+    let channels = s.models.autoencoder.model.config().latent_channels;
+    ensure!(
+        shape[0] == channels,
+        "{path}: sampling.latent_shape {l:?} has {} channels, the autoencoder's latent_channels is {channels}",
+        shape[0]
+    );
+    Ok(shape)
+}
+
 fn t1w(a: T1wArgs) -> Result<()> {
     let c = &a.common;
     let s = setup(c, None, 0.0)?;
@@ -266,8 +284,7 @@ fn t1w(a: T1wArgs) -> Result<()> {
     ensure!(!seeds.is_empty(), "no seeds to sample");
     // The reference's 160x224 slices, unless the config says otherwise.
     let shape = match &s.section.latent_shape {
-        Some(l) => <[i64; 3]>::try_from(l.as_slice())
-            .map_err(|_| anyhow::anyhow!("sampling.latent_shape must be [channels, h, w], got {l:?}"))?,
+        Some(l) => configured_latent_shape(&s, l)?,
         None => latent_shape(&s, 160, 224)?,
     };
     let jobs: Vec<Job> =
@@ -336,8 +353,7 @@ fn flair_to_t1w(a: FlairArgs) -> Result<()> {
             t1w: (!r.t1w.as_os_str().is_empty()).then(|| r.t1w.clone()),
         });
     }
-    let first = load_png(jobs[0].flair.as_ref().expect("set above"))?;
-    let (h, w) = (first.size()[1], first.size()[2]);
+    let (h, w) = check_inputs(&jobs, s.models.autoencoder.model.downsampling())?;
     let shape = latent_shape(&s, h, w)?;
     let scale = a.conditioning_scale.or(s.section.controlnet_scale).unwrap_or(1.0);
     std::fs::create_dir_all(&c.output).with_context(|| format!("cannot create {}", c.output.display()))?;
@@ -357,7 +373,8 @@ fn flair_to_t1w(a: FlairArgs) -> Result<()> {
         if let Some(t) = &job.t1w {
             row.push(load_png(t)?);
         }
-        let cat = Tensor::cat(&row, 2);
+        // The sizes were checked with the inputs; a generated image is the FLAIR's size by construction.
+        let cat = Tensor::f_cat(&row, 2)?;
         save_png(&out.join(comparison_name(&job.name)), &cat)
     })?;
     let cmp: Vec<Vec<PathBuf>> = jobs.iter().take(6).map(|j| vec![out.join(comparison_name(&j.name))]).collect();
@@ -366,16 +383,45 @@ fn flair_to_t1w(a: FlairArgs) -> Result<()> {
     Ok(())
 }
 
+/// Reads every FLAIR input and real T1w of the jobs before anything is written: all of one size (the batches
+/// and the comparison images put them side by side), a size the autoencoder reconstructs (multiples of
+/// `factor`), 8-bit grayscale. Returns that size.
+fn check_inputs(jobs: &[Job], factor: i64) -> Result<(i64, i64)> {
+    use rayon::prelude::*;
+    let paths: Vec<&Path> = jobs.iter().flat_map(|j| j.flair.iter().chain(&j.t1w)).map(PathBuf::as_path).collect();
+    let sizes: Vec<Vec<i64>> = paths.par_iter().map(|p| Ok(load_png(p)?.size())).collect::<Result<_>>()?;
+    let (first, first_size) = (paths.first().context("no FLAIR input")?, &sizes[0]);
+    for (p, size) in paths.iter().zip(&sizes) {
+        ensure!(
+            size == first_size,
+            "the inputs must all have one size: {} is {}x{}, {} is {}x{}",
+            first.display(),
+            first_size[1],
+            first_size[2],
+            p.display(),
+            size[1],
+            size[2]
+        );
+    }
+    let (h, w) = (first_size[1], first_size[2]);
+    ensure!(
+        h % factor == 0 && w % factor == 0,
+        "{} is {h}x{w}: the autoencoder needs a height and width that are multiples of {factor}",
+        first.display()
+    );
+    Ok((h, w))
+}
+
 fn comparison_name(name: &str) -> String {
     format!("{}_comparison.png", name.trim_end_matches(".png"))
 }
 
 /// `grid.png`: the given PNGs (all of one size), `cols` per row.
 fn grid(out: &Path, cells: &[Vec<PathBuf>], cols: i64) -> Result<()> {
-    let imgs: Result<Vec<Tensor>> = cells.iter().flatten().map(|p| load_png(p)).collect();
-    let imgs = imgs?;
+    let paths: Vec<&Path> = cells.iter().flatten().map(PathBuf::as_path).collect();
+    let imgs: Vec<Tensor> = paths.iter().map(|p| load_png(p)).collect::<Result<_>>()?;
     if imgs.is_empty() {
         bail!("no images for the grid");
     }
-    crate::train::run::save_grid(&out.join("grid.png"), &Tensor::stack(&imgs, 0), cols)
+    crate::train::run::save_grid(&out.join("grid.png"), &stack_images(&imgs, &paths)?, cols)
 }

@@ -5,13 +5,13 @@
 //! Everything random (the order and each sample's augmentation) is a function of the seed, the
 //! epoch and the sample's row, not of thread timing: the same seed gives the same batches.
 use super::augment::AugmentConfig;
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use tch::Tensor;
 
 /// One row of a list: a T1w slice and, in ControlNet lists, its FLAIR slice.
@@ -60,6 +60,32 @@ pub fn load_png(path: &Path) -> Result<Tensor> {
     let (w, h) = gray.dimensions();
     let values: Vec<f32> = gray.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
     Ok(Tensor::from_slice(&values).view([1, h as i64, w as i64]))
+}
+
+/// `images` stacked into one `(B, ...)` batch, each checked against the first: a size that differs is an
+/// error naming both files and both sizes (libtorch would panic).
+pub fn stack_images(images: &[Tensor], paths: &[&Path]) -> Result<Tensor> {
+    ensure!(!images.is_empty() && images.len() == paths.len(), "no images to put in a batch");
+    let first = images[0].size();
+    for (img, path) in images.iter().zip(paths).skip(1) {
+        ensure!(
+            img.size() == first,
+            "images of different sizes cannot share a batch: {} is {}, {} is {}",
+            paths[0].display(),
+            image_size(&first),
+            path.display(),
+            image_size(&img.size())
+        );
+    }
+    Ok(Tensor::f_stack(images, 0)?)
+}
+
+/// `HxW` of a `(.., H, W)` image, the way image sizes are usually written.
+fn image_size(s: &[i64]) -> String {
+    match s {
+        [.., h, w] => format!("{h}x{w}"),
+        _ => format!("{s:?}"),
+    }
 }
 
 /// One batch: `(B, 1, H, W)` images, the list rows they came from, and which samples drop their
@@ -211,31 +237,173 @@ impl DataLoader {
         }
     }
 
-    /// The batches of `epoch`, decoded on a background thread `prefetch` batches ahead. A file
-    /// that cannot be read ends the epoch with an error naming it.
-    pub fn epoch(&self, epoch: u64) -> Receiver<Result<Batch>> {
-        let (tx, rx) = sync_channel(self.cfg.prefetch.max(1));
+    /// The batches of `epoch`, decoded on a background thread `prefetch` batches ahead: exactly
+    /// [`num_batches`](Self::num_batches) of them, or an error (a file that cannot be read, images of
+    /// different sizes in one batch, the thread stopping early) after which the epoch ends.
+    pub fn epoch(&self, epoch: u64) -> Epoch {
         let records = self.records.clone();
         let cfg = self.cfg.clone();
         let order = self.order(epoch);
         let nb = self.num_batches();
-        std::thread::spawn(move || {
-            for chunk in order.chunks(cfg.batch_size).take(nb) {
-                let samples: Result<Vec<_>> =
-                    chunk.par_iter().map(|&row| load_sample(&records[row], &cfg, epoch, row)).collect();
-                let batch = samples.map(|s| {
-                    let t1w = Tensor::stack(&s.iter().map(|x| &x.0).collect::<Vec<_>>(), 0);
-                    let flair = cfg
-                        .with_flair
-                        .then(|| Tensor::stack(&s.iter().map(|x| x.1.as_ref().unwrap()).collect::<Vec<_>>(), 0));
-                    Batch { t1w, flair, rows: chunk.to_vec(), drop_context: s.iter().map(|x| x.2).collect() }
-                });
-                let failed = batch.is_err();
-                if tx.send(batch).is_err() || failed {
+        spawn_epoch(nb, self.cfg.prefetch, move |tx| send_batches(&records, &cfg, &order, nb, epoch, tx))
+    }
+}
+
+/// Runs `send` on a background thread that feeds the returned epoch of `expected` batches; a panic in
+/// it reaches the consumer as an error.
+fn spawn_epoch(
+    expected: usize,
+    prefetch: usize,
+    send: impl FnOnce(&SyncSender<Result<Batch>>) + Send + 'static,
+) -> Epoch {
+    let (tx, rx) = sync_channel(prefetch.max(1));
+    std::thread::spawn(move || {
+        if let Err(msg) = crate::panics::catch(|| send(&tx)) {
+            let _ = tx.send(Err(anyhow!("the data loader failed: {msg}, please report")));
+        }
+    });
+    Epoch(Batches { rx, received: 0, expected, finished: false })
+}
+
+/// Decodes and sends the batches of an epoch until the first error (which is sent too) or until the
+/// receiver is gone.
+fn send_batches(
+    records: &[PairRecord],
+    cfg: &LoaderConfig,
+    order: &[usize],
+    nb: usize,
+    epoch: u64,
+    tx: &SyncSender<Result<Batch>>,
+) {
+    for chunk in order.chunks(cfg.batch_size).take(nb) {
+        let batch = collate(records, cfg, chunk, epoch);
+        let failed = batch.is_err();
+        if tx.send(batch).is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// The samples of `chunk` (list rows) decoded in parallel and stacked into one batch.
+fn collate(records: &[PairRecord], cfg: &LoaderConfig, chunk: &[usize], epoch: u64) -> Result<Batch> {
+    let samples: Vec<_> =
+        chunk.par_iter().map(|&row| load_sample(&records[row], cfg, epoch, row)).collect::<Result<_>>()?;
+    let t1w_paths: Vec<&Path> = chunk.iter().map(|&r| records[r].t1w.as_path()).collect();
+    let t1w = stack_images(&samples.iter().map(|x| x.0.shallow_clone()).collect::<Vec<_>>(), &t1w_paths)?;
+    let flair = if cfg.with_flair {
+        let (mut imgs, mut paths) = (Vec::with_capacity(chunk.len()), Vec::with_capacity(chunk.len()));
+        for (&row, s) in chunk.iter().zip(&samples) {
+            let rec = &records[row];
+            let (Some(img), Some(p)) = (&s.1, &rec.flair) else { bail!("row {row}: no FLAIR image") };
+            imgs.push(img.shallow_clone());
+            paths.push(p.as_path());
+        }
+        Some(stack_images(&imgs, &paths)?)
+    } else {
+        None
+    };
+    Ok(Batch { t1w, flair, rows: chunk.to_vec(), drop_context: samples.iter().map(|x| x.2).collect() })
+}
+
+/// The batches of one epoch, to iterate over. An `IntoIterator` (as the channel receiver it replaced
+/// was), so the training loops' `.into_iter()` calls stay as they were.
+pub struct Epoch(Batches);
+
+impl IntoIterator for Epoch {
+    type Item = Result<Batch>;
+    type IntoIter = Batches;
+
+    fn into_iter(self) -> Batches {
+        self.0
+    }
+}
+
+/// The batches of one epoch, as they are decoded. It yields exactly the epoch's number of batches, or
+/// stops after an error: a loader thread that ends early (it never should) is an error too, so an
+/// epoch can never end short without a word.
+pub struct Batches {
+    rx: Receiver<Result<Batch>>,
+    received: usize,
+    expected: usize,
+    finished: bool,
+}
+
+impl Iterator for Batches {
+    type Item = Result<Batch>;
+
+    fn next(&mut self) -> Option<Result<Batch>> {
+        if self.finished || self.received == self.expected {
+            return None;
+        }
+        let item = match self.rx.recv() {
+            Ok(Ok(batch)) => {
+                self.received += 1;
+                return Some(Ok(batch));
+            }
+            Ok(Err(e)) => e,
+            Err(_) => anyhow!("the data loader stopped after {} of {} batches", self.received, self.expected),
+        };
+        self.finished = true;
+        Some(Err(item))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch() -> Batch {
+        Batch {
+            t1w: Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu)),
+            flair: None,
+            rows: vec![0],
+            drop_context: vec![false],
+        }
+    }
+
+    /// A loader thread that stops early (it never should) is an error naming how far it got, not the end of
+    /// a shorter epoch.
+    #[test]
+    fn an_epoch_that_ends_early_is_an_error() {
+        let mut epoch = spawn_epoch(3, 2, |tx| {
+            let _ = tx.send(Ok(batch()));
+        })
+        .into_iter();
+        assert!(epoch.next().unwrap().is_ok());
+        let e = format!("{:#}", epoch.next().unwrap().unwrap_err());
+        assert_eq!(e, "the data loader stopped after 1 of 3 batches");
+        assert!(epoch.next().is_none());
+    }
+
+    /// A panic while decoding is caught on the loader thread and arrives as an error after the batches sent
+    /// before it.
+    #[test]
+    fn a_panic_in_the_loader_thread_is_an_error() {
+        let mut epoch = spawn_epoch(3, 2, |tx| {
+            let _ = tx.send(Ok(batch()));
+            panic!("decoder bug");
+        })
+        .into_iter();
+        assert!(epoch.next().unwrap().is_ok());
+        let e = format!("{:#}", epoch.next().unwrap().unwrap_err());
+        assert!(
+            e.starts_with("the data loader failed: internal error at ") && e.ends_with("decoder bug, please report"),
+            "{e}"
+        );
+        assert!(epoch.next().is_none());
+    }
+
+    /// Exactly the expected batches, then the end, even if the thread had more.
+    #[test]
+    fn an_epoch_yields_exactly_its_batches() {
+        let epoch = spawn_epoch(2, 1, |tx| {
+            for _ in 0..3 {
+                if tx.send(Ok(batch())).is_err() {
                     return;
                 }
             }
         });
-        rx
+        let batches: Vec<Batch> = epoch.into_iter().map(|b| b.unwrap()).collect();
+        assert_eq!(batches.len(), 2);
     }
 }

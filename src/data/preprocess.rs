@@ -515,16 +515,10 @@ fn plan_one(input: &Path, output: &Path, crop: &Crop, t1w: &Path) -> Result<Job,
 
 /// `process`, with a panic in a decoder turned into a skip instead of ending the run.
 fn guarded(job: &Job, crop: &Crop) -> Outcome {
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| process(job, crop)));
-    let (kind, reason) = match result {
+    let (kind, reason) = match crate::panics::catch(|| process(job, crop)) {
         Ok(Ok(())) => return Outcome::Processed,
         Ok(Err(e)) => e,
-        Err(panic) => {
-            let msg = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
+        Err(msg) => {
             (SkipKind::Unreadable, format!("reading {} or {} failed: {msg}", job.t1w.display(), job.flair.display()))
         }
     };

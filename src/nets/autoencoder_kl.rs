@@ -76,6 +76,11 @@ impl AutoencoderKLConfig {
         ensure!(self.spatial_dims == 2, "AutoencoderKL: only spatial_dims = 2 is supported, got {}", self.spatial_dims);
         ensure!(!self.channels.is_empty(), "AutoencoderKL: channels must not be empty");
         ensure!(self.norm_num_groups > 0, "AutoencoderKL: norm_num_groups must be positive");
+        ensure!(
+            self.channels.iter().all(|&c| c > 0),
+            "AutoencoderKL: channels must be positive, got {:?}",
+            self.channels
+        );
         if let Some(c) = self.channels.iter().find(|&&c| c % self.norm_num_groups != 0) {
             bail!(
                 "AutoencoderKL expects all channels being multiple of norm_num_groups: {c} is not a multiple of {}",
@@ -95,11 +100,26 @@ impl AutoencoderKLConfig {
             self.channels.len(),
             nrb
         );
-        ensure!(nrb.iter().all(|&n| n >= 0), "num_res_blocks must not be negative: {nrb:?}");
-        ensure!(
-            self.in_channels > 0 && self.out_channels > 0 && self.latent_channels > 0,
-            "channel counts must be positive"
-        );
+        ensure!(nrb.iter().all(|&n| n >= 0), "AutoencoderKL: num_res_blocks must not be negative: {nrb:?}");
+        // A level without ResBlocks passes its input through unchanged: in the encoder at the previous level's
+        // width, in the decoder (levels reversed) at the next level's. Both must then equal the level's own width
+        // (MONAI fails in the forward pass otherwise).
+        for (i, w) in self.channels.windows(2).enumerate() {
+            for (level, side) in [(i + 1, i), (i, i + 1)] {
+                ensure!(
+                    nrb[level] > 0 || w[0] == w[1],
+                    "AutoencoderKL: num_res_blocks[{level}] = 0 needs channels[{level}] == channels[{side}], got {:?}",
+                    self.channels
+                );
+            }
+        }
+        for (name, v) in [
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+            ("latent_channels", self.latent_channels),
+        ] {
+            ensure!(v > 0, "AutoencoderKL: {name} must be positive, got {v}");
+        }
         Ok(())
     }
 }
@@ -372,12 +392,48 @@ impl AutoencoderKL {
         ensure!(s.len() == 4, "{what} must be (batch, channels, height, width), got shape {s:?}");
         ensure!(s[1] == channels, "{what} must have {channels} channels, got shape {s:?}");
         ensure!(s[2] > 0 && s[3] > 0, "{what} has an empty spatial size: {s:?}");
+        ensure!(
+            x.is_floating_point(),
+            "{what} must be a floating-point tensor, got {:?} (AutoencoderKL weights are float)",
+            x.kind()
+        );
+        Ok(())
+    }
+
+    /// The factor the encoder shrinks images by, `2^(levels - 1)`.
+    pub fn downsampling(&self) -> i64 {
+        1 << (self.config.channels.len() - 1)
+    }
+
+    /// Checks an image batch `(B, C, H, W)` can be encoded and decoded back to its own size, as a
+    /// reconstruction loss or metric needs: H and W multiples of `2^(levels - 1)`. MONAI (and
+    /// [`encode`](Self::encode)) take other sizes too, and then reconstruct a smaller image.
+    pub fn check_reconstructable(&self, x: &Tensor, what: &str) -> Result<()> {
+        self.check_input(x, self.config.in_channels, what)?;
+        let (s, f) = (x.size(), self.downsampling());
+        ensure!(
+            s[2] % f == 0 && s[3] % f == 0,
+            "{what} is {}x{}: this AutoencoderKL ({} levels) needs a height and width that are multiples of {f} \
+             (2^(levels-1)) to reconstruct an image of the same size",
+            s[2],
+            s[3],
+            self.config.channels.len()
+        );
         Ok(())
     }
 
     /// Returns `(z_mu, z_sigma)`; the log-variance is clamped to [-30, 20] as in MONAI.
     pub fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         self.check_input(x, self.config.in_channels, "encoder input")?;
+        // Each stride-2 downsampling conv (3x3, padding 0 before and 1 after) needs 2 pixels.
+        let (s, f) = (x.size(), self.downsampling());
+        ensure!(
+            s[2] >= f && s[3] >= f,
+            "encoder input is {}x{}: this AutoencoderKL ({} levels) needs at least {f}x{f} pixels",
+            s[2],
+            s[3],
+            self.config.channels.len()
+        );
         let h = self.encoder.forward(x);
         let z_mu = h.apply(&self.quant_conv_mu);
         let z_log_var = h.apply(&self.quant_conv_log_sigma).clamp(-30.0, 20.0);

@@ -84,7 +84,13 @@ impl PromptContexts {
         let get = |k: &str| -> Result<Tensor> {
             let t = sd.get(k).with_context(|| format!("{}: no `{k}` tensor (not a context file)", path.display()))?;
             ensure!(t.dim() == 3, "{}: `{k}` must be (n, tokens, width), got {:?}", path.display(), t.size());
-            Ok(t.to_kind(Kind::Float).to_device(device))
+            ensure!(
+                t.size().iter().all(|&n| n > 0),
+                "{}: `{k}` is empty, shape {:?} (it needs at least one prompt, token and channel)",
+                path.display(),
+                t.size()
+            );
+            Ok(t.f_to_kind(Kind::Float)?.f_to_device(device)?)
         };
         let (context, uncond_context, null_context) = (get("context")?, get("uncond_context")?, get("null_context")?);
         for (k, t) in [("uncond_context", &uncond_context), ("null_context", &null_context)] {

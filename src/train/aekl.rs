@@ -98,6 +98,7 @@ fn generator_loss(
     w: &AeklLossWeights,
     adversarial: bool,
 ) -> Result<(Tensor, Tensor, AeklLossTensors)> {
+    m.autoencoder.check_reconstructable(images, "a training batch")?;
     let (z_mu, z_sigma) = m.autoencoder.encode(images)?;
     let reconstruction = m.autoencoder.decode(&(&z_mu + eps * &z_sigma))?;
     // The reference's `.float()`s: the loss terms in float32 whatever autocast gave.

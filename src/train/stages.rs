@@ -326,10 +326,11 @@ fn run_epochs(
         let bar = l.bar(loader.len() as u64);
         bar.set_position((done_in_epoch * l.settings.batch_size as u64).min(loader.len() as u64));
         for (i, batch) in loader.epoch(epoch).into_iter().enumerate() {
+            // Checked before skipping: a resumed epoch must not end early on a batch it skips.
+            let batch = batch?;
             if (i as u64) < done_in_epoch {
                 continue; // trained before the checkpoint this run resumed from
             }
-            let batch = batch?;
             seed_step(seed, l.state.step);
             let losses = step(&batch, epoch)?;
             l.state.step += 1;
