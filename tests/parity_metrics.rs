@@ -46,7 +46,7 @@ impl Table {
         self.worst = self.worst.max(err);
         self.exact += usize::from(err == 0.0);
         self.rows.push(format!("{case:36} {what:22} max abs err {err:.3e}"));
-        if !(err <= TOL) {
+        if err.is_nan() || err > TOL {
             self.failures
                 .push(format!("{case} {what}: max abs error {err:e} > {TOL:e}\n  got  {got:?}\n  want {want:?}"));
         }

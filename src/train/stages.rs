@@ -296,7 +296,7 @@ fn run_epochs(
     loader: &DataLoader,
     step: &mut dyn FnMut(&Batch, u64) -> Result<StepLosses>,
     validate: &mut dyn FnMut(u64) -> Result<(f64, f64)>,
-    parts: &dyn Fn() -> Vec<(&'static str, StateDict)>,
+    parts: &dyn Fn() -> Result<Vec<(&'static str, StateDict)>>,
     weights: &dyn Fn(&Path) -> Result<()>,
     loss_keys: &[&str],
 ) -> Result<()> {
@@ -345,7 +345,7 @@ fn run_epochs(
                 pending.flush(l, &bar)?;
             }
             if checkpoint {
-                l.save(parts())?;
+                l.save(parts()?)?;
             }
             if stop {
                 bar.abandon_with_message("interrupted: checkpoint saved");
@@ -376,7 +376,7 @@ fn run_epochs(
                 eprintln!("{} epoch {}: validation loss {val:.5}", l.stage, l.state.epoch);
             }
         }
-        l.save(parts())?;
+        l.save(parts()?)?;
     }
     if distributed::is_main() {
         weights(&l.run.final_model())?;
@@ -552,19 +552,19 @@ pub fn train_aekl(inputs: &TrainInputs) -> Result<()> {
         }
         Ok((total, n as f64))
     };
-    let parts = || -> Vec<(&'static str, StateDict)> {
+    let parts = || -> Result<Vec<(&'static str, StateDict)>> {
         let o = &*opts.borrow();
         let (mut og, mut od) = (StateDict::new(), StateDict::new());
-        o.g.save_state(&mut og, "optim").expect("optimiser state");
-        o.d.save_state(&mut od, "optim").expect("optimiser state");
-        o.scaler_g.save_state(&mut og, "scaler").expect("loss scaler state");
-        o.scaler_d.save_state(&mut od, "scaler").expect("loss scaler state");
-        vec![
+        o.g.save_state(&mut og, "optim").context("saving the generator's optimiser state")?;
+        o.d.save_state(&mut od, "optim").context("saving the discriminator's optimiser state")?;
+        o.scaler_g.save_state(&mut og, "scaler").context("saving the generator's loss scaler")?;
+        o.scaler_d.save_state(&mut od, "scaler").context("saving the discriminator's loss scaler")?;
+        Ok(vec![
             ("model.autoencoder", store_dict(&ae_vs)),
             ("model.discriminator", store_dict(&d_vs)),
             ("optim.g", og),
             ("optim.d", od),
-        ]
+        ])
     };
     let cfg_json = l.cfg_json.clone();
     let weights = |p: &Path| save_weights(&ae_vs, p, "aekl", &cfg_json, None);
@@ -792,12 +792,12 @@ fn train_diffusion(inputs: &TrainInputs, controlnet_stage: bool) -> Result<()> {
         }
         Ok((total, n as f64))
     };
-    let parts = || -> Vec<(&'static str, StateDict)> {
+    let parts = || -> Result<Vec<(&'static str, StateDict)>> {
         let mut o = StateDict::new();
         let (opt, scaler) = &*opt.borrow();
-        opt.save_state(&mut o, "optim").expect("optimiser state");
-        scaler.save_state(&mut o, "scaler").expect("loss scaler state");
-        vec![("model.trained", store_dict(trained_vs)), ("optim", o)]
+        opt.save_state(&mut o, "optim").context("saving the optimiser state")?;
+        scaler.save_state(&mut o, "scaler").context("saving the loss scaler")?;
+        Ok(vec![("model.trained", store_dict(trained_vs)), ("optim", o)])
     };
     let cfg_json = l.cfg_json.clone();
     let weights = |p: &Path| save_weights(trained_vs, p, stage, &cfg_json, Some(scale_factor));
