@@ -68,7 +68,12 @@ pub fn read(path: &Path) -> Result<StateDict> {
     for name in meta.offset_keys() {
         let view = st.tensor(&name).map_err(|e| anyhow!("{}: tensor {name}: {e}", path.display()))?;
         let kind = kind_of(view.dtype()).with_context(|| format!("{}: tensor {name}", path.display()))?;
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let shape = view
+            .shape()
+            .iter()
+            .map(|&d| i64::try_from(d))
+            .collect::<Result<Vec<i64>, _>>()
+            .map_err(|_| anyhow!("{}: tensor {name}: shape {:?} out of range", path.display(), view.shape()))?;
         let t = super::tensor_from_bytes(view.data(), &shape, kind)
             .with_context(|| format!("{}: tensor {name}", path.display()))?;
         sd.insert(name, t);
