@@ -117,7 +117,8 @@ pub struct TensorRef {
 }
 
 pub type List = Rc<RefCell<Vec<Value>>>;
-pub type Dict = Rc<RefCell<Vec<(Value, Value)>>>;
+pub type Dict = Rc<DictItems>;
+pub type DictItems = RefCell<Vec<(Value, Value)>>;
 
 #[derive(Clone)]
 pub enum Value {
@@ -135,8 +136,9 @@ pub enum Value {
     Set(List),
     /// An allowed global (class or function) that has not been called.
     Global(String, String),
-    Storage(StorageRef),
-    Tensor(TensorRef),
+    // Boxed: every value on the stack and in the memo is as large as the largest variant.
+    Storage(Box<StorageRef>),
+    Tensor(Box<TensorRef>),
 }
 
 /// Containers can nest as deep as the pickle is long (one byte per level): dropping them
@@ -159,20 +161,16 @@ fn detach_children(v: &mut Value, out: &mut Vec<Value>) {
                 out.append(items);
             }
         }
-        Value::List(l) | Value::Set(l) => {
-            if Rc::strong_count(l) == 1 {
-                if let Ok(mut items) = l.try_borrow_mut() {
-                    out.append(&mut items);
-                }
+        Value::List(l) | Value::Set(l) if Rc::strong_count(l) == 1 => {
+            if let Ok(mut items) = l.try_borrow_mut() {
+                out.append(&mut items);
             }
         }
-        Value::Dict(d) => {
-            if Rc::strong_count(d) == 1 {
-                if let Ok(mut items) = d.try_borrow_mut() {
-                    for (k, v) in items.drain(..) {
-                        out.push(k);
-                        out.push(v);
-                    }
+        Value::Dict(d) if Rc::strong_count(d) == 1 => {
+            if let Ok(mut items) = d.try_borrow_mut() {
+                for (k, v) in items.drain(..) {
+                    out.push(k);
+                    out.push(v);
                 }
             }
         }
@@ -323,10 +321,13 @@ enum Slot {
 }
 
 /// What unpickling may build, counted cumulatively: a fixed allowance plus this many bytes per
-/// byte of pickle. Real torch pickles need a fraction of it (about 15 per byte); without a bound,
-/// a few kilobytes of memo gets (`BINGET` of one large string, `DUP`) would build gigabytes.
-const BUDGET_BASE: usize = 16 << 20;
-const BUDGET_PER_BYTE: usize = 64;
+/// byte of pickle. torch.save pickles take 25 to 40 per byte (a 940 kB training checkpoint
+/// pickle: 26 MB); without a bound, a few kilobytes of memo gets (`BINGET` of one large string)
+/// would build gigabytes.
+const BUDGET_BASE: usize = 32 << 20;
+const BUDGET_PER_BYTE: usize = 96;
+/// Dicts up to this size find a repeated key by a linear search; larger ones get an index.
+const INDEX_FROM: usize = 32;
 
 /// A dict key as Python would hash it (the keys torch writes: str and int).
 #[derive(Hash, PartialEq, Eq)]
@@ -356,7 +357,7 @@ struct Machine<'a> {
     /// Key positions of the dicts `SETITEM(S)` has filled, so that a repeated key replaces its
     /// value without a linear search per item (quadratic on large dicts). Holding the dict
     /// keeps its address from being reused by another.
-    dict_index: HashMap<*const RefCell<Vec<(Value, Value)>>, (Dict, HashMap<Key, usize>)>,
+    dict_index: HashMap<*const DictItems, (Dict, HashMap<Key, usize>)>,
 }
 
 /// Unpickles one pickle starting at `data[0]`. Returns the value and the number of bytes read
@@ -821,9 +822,23 @@ impl Machine<'_> {
             Value::Dict(d) => d.clone(),
             other => bail!("malformed pickle: SETITEM on {}", other.type_name()),
         };
+        let ptr = Rc::as_ptr(&d);
+        if !self.dict_index.contains_key(&ptr) && d.borrow().len() + items.len() <= INDEX_FROM {
+            let mut entries = d.borrow_mut();
+            for (k, v) in items {
+                // Python semantics: a repeated key replaces the earlier value in place.
+                match entries.iter_mut().find(|(e, _)| same_key(e, &k)) {
+                    Some(slot) => slot.1 = v,
+                    None => entries.push((k, v)),
+                }
+            }
+            return Ok(());
+        }
+        // The index copies the keys: charged like the values they come from.
+        let new_keys = if self.dict_index.contains_key(&ptr) { 0 } else { d.borrow().len() };
         let key_bytes: usize = items.iter().map(|(k, _)| cost(k)).sum();
-        self.charge(key_bytes)?;
-        let (_, index) = self.dict_index.entry(Rc::as_ptr(&d)).or_insert_with(|| {
+        self.charge(key_bytes + new_keys * std::mem::size_of::<Value>())?;
+        let (_, index) = self.dict_index.entry(ptr).or_insert_with(|| {
             let index = d.borrow().iter().enumerate().filter_map(|(i, (k, _))| Some((Key::of(k)?, i))).collect();
             (d.clone(), index)
         });
@@ -872,6 +887,14 @@ impl Machine<'_> {
         }
         self.charge(cost(&v))?;
         Ok(v)
+    }
+}
+
+fn same_key(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Str(x), Value::Str(y)) => x == y,
+        (Value::Int(x), Value::Int(y)) => x == y,
+        _ => false,
     }
 }
 
@@ -950,7 +973,7 @@ fn call(func: &Value, args: &Value) -> Result<Value> {
             if size.len() != stride.len() {
                 bail!("{full}: size {size:?} and stride {stride:?} differ in length");
             }
-            Ok(Value::Tensor(TensorRef { storage: storage.clone(), offset, size, stride }))
+            Ok(Value::Tensor(Box::new(TensorRef { storage: (**storage).clone(), offset, size, stride })))
         }
         "torch._utils._rebuild_parameter" | "torch._utils._rebuild_parameter_with_state" => {
             match a.into_iter().next() {

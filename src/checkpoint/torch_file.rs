@@ -49,6 +49,8 @@ pub struct TorchFile {
     pub root: Value,
     storages: Storages,
     cache: HashMap<String, Tensor>,
+    /// Size of the pickle(s) the object tree came from: what bounds walks through it.
+    pickle_bytes: usize,
     /// Storage bytes read so far, and bytes copied out of them for non-contiguous views.
     read_bytes: u64,
     copied_bytes: u64,
@@ -105,8 +107,20 @@ impl TorchFile {
         r.with_context(|| format!("cannot read PyTorch checkpoint {}", path.display()))
     }
 
-    fn new(path: &Path, root: Value, storages: Storages) -> Self {
-        Self { path: path.to_path_buf(), root, storages, cache: HashMap::new(), read_bytes: 0, copied_bytes: 0 }
+    fn new(path: &Path, root: Value, storages: Storages, pickle_bytes: usize) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            root,
+            storages,
+            cache: HashMap::new(),
+            pickle_bytes,
+            read_bytes: 0,
+            copied_bytes: 0,
+        }
+    }
+
+    pub fn pickle_bytes(&self) -> usize {
+        self.pickle_bytes
     }
 
     fn open_zip(path: &Path) -> Result<Self> {
@@ -144,9 +158,9 @@ impl TorchFile {
         }
         let pickle = read_entry(&mut e, &pkl_name, file_len)?;
         drop(e);
-        let mut pl = |pid: Value| parse_storage_pid(&pid).map(Value::Storage);
+        let mut pl = |pid: Value| parse_storage_pid(&pid).map(|s| Value::Storage(Box::new(s)));
         let (root, _) = unpickle(&pickle, &mut pl).with_context(|| format!("in {pkl_name}"))?;
-        Ok(Self::new(path, root, Storages::Zip { archive, prefix, file_len }))
+        Ok(Self::new(path, root, Storages::Zip { archive, prefix, file_len }, pickle.len()))
     }
 
     fn open_legacy(path: &Path) -> Result<Self> {
@@ -191,7 +205,7 @@ impl TorchFile {
         let mut pl = |pid: Value| -> Result<Value> {
             let s = parse_storage_pid(&pid)?;
             declared.entry(s.key.clone()).or_insert((s.dtype, s.numel));
-            Ok(Value::Storage(s))
+            Ok(Value::Storage(Box::new(s)))
         };
         let (root, n) = unpickle(&data[pos..], &mut pl).with_context(|| format!("legacy checkpoint body{}", hint()))?;
         pos += n;
@@ -210,6 +224,7 @@ impl TorchFile {
                 .collect::<Result<_>>()?,
             other => bail!("expected the storage key list, found {}", other.describe()),
         };
+        let pickle_bytes = pos;
         // Each storage: its element count (8 bytes, little-endian), then its data.
         let mut pos = pos as u64;
         let mut at = HashMap::new();
@@ -236,7 +251,7 @@ impl TorchFile {
             }
             pos += nbytes;
         }
-        Ok(Self::new(path, root, Storages::Legacy { file, at }))
+        Ok(Self::new(path, root, Storages::Legacy { file, at }, pickle_bytes))
     }
 
     fn storage(&mut self, s: &StorageRef) -> Result<Tensor> {
