@@ -738,3 +738,49 @@ fn legacy_storages_larger_than_the_file_are_refused() {
     }
     assert_eq!(hits, 1, "found the last storage header of views_legacy.pt");
 }
+
+#[test]
+fn safetensors_lengths_are_checked_before_reading() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let file = |header: &str, data: usize| {
+        let mut b = (header.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(header.as_bytes());
+        b.extend(vec![0u8; data]);
+        b
+    };
+    let ok = file(r#"{"w":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]}}"#, 24);
+    assert!(matches!(read_bytes(tmp.path(), "ok.safetensors", &ok).0, Outcome::Loaded));
+    let mut huge = ok.clone();
+    huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+    let e = refused(tmp.path(), "huge_header.safetensors", &huge, 1 << 20);
+    assert!(e.contains("header length"), "{e}");
+    // A terabyte tensor declared, 24 bytes present.
+    let tb = file(r#"{"w":{"dtype":"F32","shape":[262144,1048576],"data_offsets":[0,1099511627776]}}"#, 24);
+    let e = refused(tmp.path(), "terabyte.safetensors", &tb, 1 << 20);
+    assert!(e.contains("1099511627776"), "{e}");
+    // Offsets that disagree with dtype and shape, and shapes whose product overflows.
+    let bad = file(r#"{"w":{"dtype":"F32","shape":[2,3],"data_offsets":[0,20]}}"#, 20);
+    refused(tmp.path(), "bad_offsets.safetensors", &bad, 1 << 20);
+    let ovf = file(r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,0]}}"#, 0);
+    refused(tmp.path(), "overflow.safetensors", &ovf, 1 << 20);
+}
+
+#[test]
+fn large_tensors_take_a_small_multiple_of_their_size() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    const FLOATS: u64 = 16 << 20; // 64 MiB
+    let pt = tmp.path().join("large.pt");
+    std::fs::write(&pt, torch_zip(&pk::dict_of("w", pk::tensor(FLOATS, 0, &[FLOATS], &[1])), FLOATS as usize)).unwrap();
+    let st = tmp.path().join("large.safetensors");
+    StateDict::load(&pt, None).unwrap().save_safetensors(&st, &Default::default()).unwrap();
+    for p in [&pt, &st] {
+        let rss0 = reset_peak_rss();
+        let sd = StateDict::load(p, None).unwrap();
+        let growth = proc_status_kb("VmHWM:").saturating_sub(rss0);
+        eprintln!("{}: peak RSS +{} MiB for 64 MiB of tensors", p.display(), growth >> 10);
+        assert_eq!(sd.get("w").unwrap().numel() as u64, FLOATS);
+        assert!(growth <= 3 * 64 << 10, "{}: peak RSS grew by {growth} KiB for 64 MiB of tensors", p.display());
+    }
+}
