@@ -781,6 +781,6 @@ fn large_tensors_take_a_small_multiple_of_their_size() {
         let growth = proc_status_kb("VmHWM:").saturating_sub(rss0);
         eprintln!("{}: peak RSS +{} MiB for 64 MiB of tensors", p.display(), growth >> 10);
         assert_eq!(sd.get("w").unwrap().numel() as u64, FLOATS);
-        assert!(growth <= 3 * 64 << 10, "{}: peak RSS grew by {growth} KiB for 64 MiB of tensors", p.display());
+        assert!(growth <= (3 * 64) << 10, "{}: peak RSS grew by {growth} KiB for 64 MiB of tensors", p.display());
     }
 }
