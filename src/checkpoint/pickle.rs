@@ -9,6 +9,10 @@
 //! Covers protocols 0 to 5 as far as state dicts and training checkpoints need them.
 //! Mutable containers are shared (`Rc<RefCell<..>>`) so memo references see later
 //! `SETITEMS`/`APPENDS`, as in Python.
+//!
+//! Hostile input is bounded: lengths are checked against the bytes left, the objects built
+//! are charged against a budget proportional to the pickle's size, values are dropped without
+//! recursion (nesting can be as deep as the pickle is long) and nothing here recurses on input.
 use anyhow::{anyhow, bail, Context, Result};
 use std::cell::RefCell;
 use std::collections::HashMap;

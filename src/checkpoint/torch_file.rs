@@ -4,6 +4,12 @@
 //! The pickle is parsed by [`super::pickle`]; tensors are then rebuilt from their storages
 //! with `as_strided`, so any view (offset, transposed strides, shared storage) comes out as
 //! PyTorch would give it, made contiguous.
+//!
+//! Reading is bounded by what the file really holds: a storage is read only after its zip
+//! entry (or legacy header) is checked against the size its pickle declares, and never past
+//! it; pickles are capped at [`MAX_PICKLE_BYTES`]; copies made for views are bounded by the
+//! storage bytes read. Peak memory is then about twice the tensors (bytes read, then the
+//! tensor built from them), plus what the pickle builds (see [`super::pickle`]).
 use super::pickle::{parse_storage_pid, unpickle, StorageDtype, StorageRef, TensorRef, Value};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::HashMap;
