@@ -65,8 +65,11 @@ pub fn load_model<M>(
 
 /// A tensor from raw little-endian bytes, checking the length (tch does not).
 pub fn tensor_from_bytes(bytes: &[u8], shape: &[i64], kind: tch::Kind) -> Result<tch::Tensor> {
-    let numel: i64 = shape.iter().product();
-    let need = numel as usize * kind.elt_size_in_bytes();
+    let need = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(usize::try_from(d).ok()?))
+        .and_then(|n| n.checked_mul(kind.elt_size_in_bytes()))
+        .ok_or_else(|| anyhow::anyhow!("invalid shape {shape:?} for a {kind:?} tensor"))?;
     anyhow::ensure!(
         bytes.len() == need,
         "{} bytes for a {kind:?} tensor of shape {shape:?} ({need} bytes)",

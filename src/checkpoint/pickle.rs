@@ -9,6 +9,10 @@
 //! Covers protocols 0 to 5 as far as state dicts and training checkpoints need them.
 //! Mutable containers are shared (`Rc<RefCell<..>>`) so memo references see later
 //! `SETITEMS`/`APPENDS`, as in Python.
+//!
+//! Hostile input is bounded: lengths are checked against the bytes left, the objects built
+//! are charged against a budget proportional to the pickle's size, values are dropped without
+//! recursion (nesting can be as deep as the pickle is long) and nothing here recurses on input.
 use anyhow::{anyhow, bail, Context, Result};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -117,9 +121,10 @@ pub struct TensorRef {
 }
 
 pub type List = Rc<RefCell<Vec<Value>>>;
-pub type Dict = Rc<RefCell<Vec<(Value, Value)>>>;
+pub type Dict = Rc<DictItems>;
+pub type DictItems = RefCell<Vec<(Value, Value)>>;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum Value {
     None,
     Bool(bool),
@@ -135,8 +140,124 @@ pub enum Value {
     Set(List),
     /// An allowed global (class or function) that has not been called.
     Global(String, String),
-    Storage(StorageRef),
-    Tensor(TensorRef),
+    // Boxed: every value on the stack and in the memo is as large as the largest variant.
+    Storage(Box<StorageRef>),
+    Tensor(Box<TensorRef>),
+}
+
+/// Containers can nest as deep as the pickle is long (one byte per level): dropping them
+/// recursively would overflow the stack, so children are moved to a heap list first.
+impl Drop for Value {
+    fn drop(&mut self) {
+        let mut pending = Vec::new();
+        detach_children(self, &mut pending);
+        while let Some(mut v) = pending.pop() {
+            detach_children(&mut v, &mut pending);
+        }
+    }
+}
+
+/// Moves the children of a container nobody else holds into `out`.
+fn detach_children(v: &mut Value, out: &mut Vec<Value>) {
+    match v {
+        Value::Tuple(t) => {
+            if let Some(items) = Rc::get_mut(t) {
+                out.append(items);
+            }
+        }
+        Value::List(l) | Value::Set(l) if Rc::strong_count(l) == 1 => {
+            if let Ok(mut items) = l.try_borrow_mut() {
+                out.append(&mut items);
+            }
+        }
+        Value::Dict(d) if Rc::strong_count(d) == 1 => {
+            if let Ok(mut items) = d.try_borrow_mut() {
+                for (k, v) in items.drain(..) {
+                    out.push(k);
+                    out.push(v);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Shows a few levels and items only: values can be deep, cyclic (a list appended to itself)
+/// or huge.
+impl std::fmt::Debug for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fn show(v: &Value, depth: usize, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            const ITEMS: usize = 8;
+            let seq = |items: &[Value], open: &str, close: &str, f: &mut std::fmt::Formatter<'_>| {
+                if depth == 0 && !items.is_empty() {
+                    return write!(f, "{open}..{close}");
+                }
+                write!(f, "{open}")?;
+                for (i, x) in items.iter().take(ITEMS).enumerate() {
+                    if i > 0 {
+                        write!(f, ", ")?;
+                    }
+                    show(x, depth - 1, f)?;
+                }
+                if items.len() > ITEMS {
+                    write!(f, ", .. ({} items)", items.len())?;
+                }
+                write!(f, "{close}")
+            };
+            match v {
+                Value::None => write!(f, "None"),
+                Value::Bool(b) => write!(f, "{b}"),
+                Value::Int(i) => write!(f, "{i}"),
+                Value::BigInt(b) => write!(f, "int of {} bytes", b.len()),
+                Value::Float(x) => write!(f, "{x}"),
+                Value::Str(s) if s.len() <= 80 => write!(f, "{s:?}"),
+                Value::Str(s) => write!(f, "str of {} bytes", s.len()),
+                Value::Bytes(b) => write!(f, "bytes of {} bytes", b.len()),
+                Value::Tuple(t) => seq(t, "(", ")", f),
+                Value::List(l) | Value::Set(l) => match l.try_borrow() {
+                    Ok(items) => seq(&items, "[", "]", f),
+                    Err(_) => write!(f, "[...]"),
+                },
+                Value::Dict(d) => match d.try_borrow() {
+                    Ok(items) if depth == 0 && !items.is_empty() => write!(f, "{{..}}"),
+                    Ok(items) => {
+                        write!(f, "{{")?;
+                        for (i, (k, x)) in items.iter().take(ITEMS).enumerate() {
+                            if i > 0 {
+                                write!(f, ", ")?;
+                            }
+                            show(k, depth - 1, f)?;
+                            write!(f, ": ")?;
+                            show(x, depth - 1, f)?;
+                        }
+                        if items.len() > ITEMS {
+                            write!(f, ", .. ({} items)", items.len())?;
+                        }
+                        write!(f, "}}")
+                    }
+                    Err(_) => write!(f, "{{...}}"),
+                },
+                Value::Global(m, n) => write!(f, "{m}.{n}"),
+                Value::Storage(s) => write!(f, "{s:?}"),
+                Value::Tensor(t) => write!(f, "{t:?}"),
+            }
+        }
+        show(self, 3, f)
+    }
+}
+
+/// Bytes a value occupies, counting only what it owns itself (containers' items are counted
+/// when they are created).
+fn cost(v: &Value) -> usize {
+    std::mem::size_of::<Value>()
+        + match v {
+            Value::Str(s) => s.len(),
+            Value::Bytes(b) | Value::BigInt(b) => b.len(),
+            Value::Global(m, n) => m.len() + n.len(),
+            Value::Storage(s) => s.key.len(),
+            Value::Tensor(t) => t.storage.key.len() + 8 * (t.size.len() + t.stride.len()),
+            _ => 0,
+        }
 }
 
 impl Value {
@@ -203,19 +324,61 @@ enum Slot {
     Mark,
 }
 
+/// What unpickling may build, counted cumulatively: a fixed allowance plus this many bytes per
+/// byte of pickle. torch.save pickles take 25 to 40 per byte (a 940 kB training checkpoint
+/// pickle: 26 MB); without a bound, a few kilobytes of memo gets (`BINGET` of one large string)
+/// would build gigabytes.
+const BUDGET_BASE: usize = 32 << 20;
+const BUDGET_PER_BYTE: usize = 96;
+/// Dicts up to this size find a repeated key by a linear search; larger ones get an index.
+const INDEX_FROM: usize = 32;
+
+/// A dict key as Python would hash it (the keys torch writes: str and int).
+#[derive(Hash, PartialEq, Eq)]
+enum Key {
+    Str(String),
+    Int(i64),
+}
+
+impl Key {
+    fn of(v: &Value) -> Option<Self> {
+        match v {
+            Value::Str(s) => Some(Key::Str(s.clone())),
+            Value::Int(i) => Some(Key::Int(*i)),
+            _ => None,
+        }
+    }
+}
+
 struct Machine<'a> {
     data: &'a [u8],
     pos: usize,
     stack: Vec<Slot>,
     memo: HashMap<u64, Value>,
     persistent_load: &'a mut dyn FnMut(Value) -> Result<Value>,
+    budget: usize,
+    budget_left: usize,
+    /// Key positions of the dicts `SETITEM(S)` has filled, so that a repeated key replaces its
+    /// value without a linear search per item (quadratic on large dicts). Holding the dict
+    /// keeps its address from being reused by another.
+    dict_index: HashMap<*const DictItems, (Dict, HashMap<Key, usize>)>,
 }
 
 /// Unpickles one pickle starting at `data[0]`. Returns the value and the number of bytes read
 /// (legacy torch files hold several pickles back to back). `persistent_load` resolves
 /// persistent ids (`BINPERSID`), which torch uses for storages.
 pub fn unpickle(data: &[u8], persistent_load: &mut dyn FnMut(Value) -> Result<Value>) -> Result<(Value, usize)> {
-    let mut m = Machine { data, pos: 0, stack: Vec::new(), memo: HashMap::new(), persistent_load };
+    let budget = BUDGET_BASE.saturating_add(BUDGET_PER_BYTE.saturating_mul(data.len()));
+    let mut m = Machine {
+        data,
+        pos: 0,
+        stack: Vec::new(),
+        memo: HashMap::new(),
+        persistent_load,
+        budget,
+        budget_left: budget,
+        dict_index: HashMap::new(),
+    };
     let v = m.run()?;
     Ok((v, m.pos))
 }
@@ -241,6 +404,22 @@ pub fn check_global(module: &str, name: &str) -> Result<()> {
 }
 
 impl Machine<'_> {
+    fn charge(&mut self, bytes: usize) -> Result<()> {
+        self.budget_left = self.budget_left.checked_sub(bytes).ok_or_else(|| {
+            anyhow!(
+                "malformed pickle: it builds more than {} MiB of objects from {} bytes (offset {})",
+                self.budget >> 20,
+                self.data.len(),
+                self.pos
+            )
+        })?;
+        Ok(())
+    }
+    /// Charges for a container of `n` items built from the stack.
+    fn charge_items(&mut self, n: usize) -> Result<()> {
+        self.charge(n.saturating_mul(std::mem::size_of::<Value>()))
+    }
+
     fn take(&mut self, n: usize) -> Result<&[u8]> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.data.len()).ok_or_else(|| {
             anyhow!(
@@ -284,8 +463,10 @@ impl Machine<'_> {
         Ok(self.take(n)?.to_vec())
     }
 
-    fn push(&mut self, v: Value) {
+    fn push(&mut self, v: Value) -> Result<()> {
+        self.charge(cost(&v))?;
         self.stack.push(Slot::Value(v));
+        Ok(())
     }
     fn pop(&mut self) -> Result<Value> {
         match self.stack.pop() {
@@ -320,6 +501,7 @@ impl Machine<'_> {
     }
     fn memo_put(&mut self, idx: u64) -> Result<()> {
         let v = self.top()?.clone();
+        self.charge(cost(&v))?;
         self.memo.insert(idx, v);
         Ok(())
     }
@@ -339,7 +521,10 @@ impl Machine<'_> {
                     self.u64()?; // FRAME: a length hint only
                 }
                 b'.' => return self.pop(),
-                b'(' => self.stack.push(Slot::Mark),
+                b'(' => {
+                    self.charge(std::mem::size_of::<Slot>())?;
+                    self.stack.push(Slot::Mark);
+                }
                 b'0' => {
                     self.stack.pop().ok_or_else(|| anyhow!("malformed pickle: POP on empty stack"))?;
                 }
@@ -348,7 +533,7 @@ impl Machine<'_> {
                 }
                 b'2' => {
                     let v = self.top()?.clone();
-                    self.push(v);
+                    self.push(v)?;
                 }
                 // Memo.
                 b'p' => {
@@ -372,43 +557,43 @@ impl Machine<'_> {
                     let l = self.line()?;
                     let idx = l.trim().parse().with_context(|| format!("bad GET index {l:?}"))?;
                     let v = self.memo_get(idx)?;
-                    self.push(v);
+                    self.push(v)?;
                 }
                 b'h' => {
                     let i = self.u8()? as u64;
                     let v = self.memo_get(i)?;
-                    self.push(v);
+                    self.push(v)?;
                 }
                 b'j' => {
                     let i = self.u32()? as u64;
                     let v = self.memo_get(i)?;
-                    self.push(v);
+                    self.push(v)?;
                 }
                 // Scalars.
-                b'N' => self.push(Value::None),
-                0x88 => self.push(Value::Bool(true)),
-                0x89 => self.push(Value::Bool(false)),
+                b'N' => self.push(Value::None)?,
+                0x88 => self.push(Value::Bool(true))?,
+                0x89 => self.push(Value::Bool(false))?,
                 b'J' => {
                     let v = self.u32()? as i32 as i64;
-                    self.push(Value::Int(v));
+                    self.push(Value::Int(v))?;
                 }
                 b'K' => {
                     let v = self.u8()? as i64;
-                    self.push(Value::Int(v));
+                    self.push(Value::Int(v))?;
                 }
                 b'M' => {
                     let v = self.u16()? as i64;
-                    self.push(Value::Int(v));
+                    self.push(Value::Int(v))?;
                 }
                 0x8a => {
                     let n = self.u8()? as usize;
                     let b = self.bytes(n)?;
-                    self.push(long_from_le(b));
+                    self.push(long_from_le(b))?;
                 }
                 0x8b => {
                     let n = self.u32()? as usize;
                     let b = self.bytes(n)?;
-                    self.push(long_from_le(b));
+                    self.push(long_from_le(b))?;
                 }
                 b'I' => {
                     let l = self.line()?;
@@ -417,49 +602,49 @@ impl Machine<'_> {
                         "00" => Value::Bool(false),
                         s => Value::Int(s.parse().with_context(|| format!("bad INT {s:?}"))?),
                     };
-                    self.push(v);
+                    self.push(v)?;
                 }
                 b'L' => {
                     let l = self.line()?;
                     let s = l.trim().trim_end_matches('L');
                     let v = s.parse().with_context(|| format!("LONG {s:?} does not fit in i64"))?;
-                    self.push(Value::Int(v));
+                    self.push(Value::Int(v))?;
                 }
                 b'G' => {
                     let v = f64::from_be_bytes(self.take(8)?.try_into().unwrap());
-                    self.push(Value::Float(v));
+                    self.push(Value::Float(v))?;
                 }
                 b'F' => {
                     let l = self.line()?;
                     let v = l.trim().parse().with_context(|| format!("bad FLOAT {l:?}"))?;
-                    self.push(Value::Float(v));
+                    self.push(Value::Float(v))?;
                 }
                 // Strings and bytes.
                 b'X' => {
                     let n = self.u32()? as usize;
                     let s = self.utf8(n)?;
-                    self.push(Value::Str(s));
+                    self.push(Value::Str(s))?;
                 }
                 0x8c => {
                     let n = self.u8()? as usize;
                     let s = self.utf8(n)?;
-                    self.push(Value::Str(s));
+                    self.push(Value::Str(s))?;
                 }
                 0x8d => {
                     let n = usize::try_from(self.u64()?)?;
                     let s = self.utf8(n)?;
-                    self.push(Value::Str(s));
+                    self.push(Value::Str(s))?;
                 }
                 // Python 2 `str`: torch's legacy files use it for short ASCII strings.
                 b'T' => {
                     let n = self.u32()? as usize;
                     let b = self.bytes(n)?;
-                    self.push(Value::Str(String::from_utf8_lossy(&b).into_owned()));
+                    self.push(Value::Str(String::from_utf8_lossy(&b).into_owned()))?;
                 }
                 b'U' => {
                     let n = self.u8()? as usize;
                     let b = self.bytes(n)?;
-                    self.push(Value::Str(String::from_utf8_lossy(&b).into_owned()));
+                    self.push(Value::Str(String::from_utf8_lossy(&b).into_owned()))?;
                 }
                 b'S' => {
                     let l = self.line()?;
@@ -469,32 +654,33 @@ impl Machine<'_> {
                         .and_then(|s| s.strip_suffix('\''))
                         .or_else(|| s.strip_prefix('"').and_then(|s| s.strip_suffix('"')))
                         .ok_or_else(|| anyhow!("bad STRING {s:?}"))?;
-                    self.push(Value::Str(s.to_string()));
+                    self.push(Value::Str(s.to_string()))?;
                 }
                 b'V' => {
                     let l = self.line()?;
-                    self.push(Value::Str(l));
+                    self.push(Value::Str(l))?;
                 }
                 b'B' => {
                     let n = self.u32()? as usize;
                     let b = self.bytes(n)?;
-                    self.push(Value::Bytes(b));
+                    self.push(Value::Bytes(b))?;
                 }
                 b'C' => {
                     let n = self.u8()? as usize;
                     let b = self.bytes(n)?;
-                    self.push(Value::Bytes(b));
+                    self.push(Value::Bytes(b))?;
                 }
                 0x8e | 0x96 => {
                     let n = usize::try_from(self.u64()?)?;
                     let b = self.bytes(n)?;
-                    self.push(Value::Bytes(b));
+                    self.push(Value::Bytes(b))?;
                 }
                 // Containers.
-                b')' => self.push(Value::Tuple(Rc::new(Vec::new()))),
+                b')' => self.push(Value::Tuple(Rc::new(Vec::new())))?,
                 b't' => {
                     let items = self.pop_mark()?;
-                    self.push(Value::Tuple(Rc::new(items)));
+                    self.charge_items(items.len())?;
+                    self.push(Value::Tuple(Rc::new(items)))?;
                 }
                 0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
@@ -503,12 +689,13 @@ impl Machine<'_> {
                         items.push(self.pop()?);
                     }
                     items.reverse();
-                    self.push(Value::Tuple(Rc::new(items)));
+                    self.push(Value::Tuple(Rc::new(items)))?;
                 }
-                b']' => self.push(Value::List(Rc::new(RefCell::new(Vec::new())))),
+                b']' => self.push(Value::List(Rc::new(RefCell::new(Vec::new()))))?,
                 b'l' => {
                     let items = self.pop_mark()?;
-                    self.push(Value::List(Rc::new(RefCell::new(items))));
+                    self.charge_items(items.len())?;
+                    self.push(Value::List(Rc::new(RefCell::new(items))))?;
                 }
                 b'a' => {
                     let v = self.pop()?;
@@ -516,13 +703,15 @@ impl Machine<'_> {
                 }
                 b'e' => {
                     let items = self.pop_mark()?;
+                    self.charge_items(items.len())?;
                     self.append(items)?;
                 }
-                b'}' => self.push(Value::Dict(Rc::new(RefCell::new(Vec::new())))),
+                b'}' => self.push(Value::Dict(Rc::new(RefCell::new(Vec::new()))))?,
                 b'd' => {
                     let items = self.pop_mark()?;
+                    self.charge_items(items.len())?;
                     let pairs = pairs(items)?;
-                    self.push(Value::Dict(Rc::new(RefCell::new(pairs))));
+                    self.push(Value::Dict(Rc::new(RefCell::new(pairs))))?;
                 }
                 b's' => {
                     let v = self.pop()?;
@@ -531,12 +720,14 @@ impl Machine<'_> {
                 }
                 b'u' => {
                     let items = self.pop_mark()?;
+                    self.charge_items(items.len())?;
                     let p = pairs(items)?;
                     self.set_items(p)?;
                 }
-                0x8f => self.push(Value::Set(Rc::new(RefCell::new(Vec::new())))),
+                0x8f => self.push(Value::Set(Rc::new(RefCell::new(Vec::new()))))?,
                 0x90 => {
                     let items = self.pop_mark()?;
+                    self.charge_items(items.len())?;
                     match self.top()? {
                         Value::Set(s) => s.borrow_mut().extend(items),
                         other => bail!("malformed pickle: ADDITEMS on {}", other.type_name()),
@@ -544,35 +735,37 @@ impl Machine<'_> {
                 }
                 0x91 => {
                     let items = self.pop_mark()?;
-                    self.push(Value::Set(Rc::new(RefCell::new(items))));
+                    self.charge_items(items.len())?;
+                    self.push(Value::Set(Rc::new(RefCell::new(items))))?;
                 }
                 // Globals and calls: the only places code could run, hence the allow-list.
                 b'c' => {
                     let module = self.line()?;
                     let name = self.line()?;
                     check_global(&module, &name)?;
-                    self.push(Value::Global(module, name));
+                    self.push(Value::Global(module, name))?;
                 }
                 0x93 => {
                     let name = self.pop()?;
                     let module = self.pop()?;
-                    let (Value::Str(module), Value::Str(name)) = (module, name) else {
+                    let (Value::Str(module), Value::Str(name)) = (&module, &name) else {
                         bail!("malformed pickle: STACK_GLOBAL needs two strings (offset {at})");
                     };
+                    let (module, name) = (module.clone(), name.clone());
                     check_global(&module, &name)?;
-                    self.push(Value::Global(module, name));
+                    self.push(Value::Global(module, name))?;
                 }
                 b'R' => {
                     let args = self.pop()?;
                     let func = self.pop()?;
-                    let v = call(func, args)?;
-                    self.push(v);
+                    let v = self.call(func, args)?;
+                    self.push(v)?;
                 }
                 0x81 => {
                     let args = self.pop()?;
                     let cls = self.pop()?;
-                    let v = call(cls, args)?;
-                    self.push(v);
+                    let v = self.call(cls, args)?;
+                    self.push(v)?;
                 }
                 0x92 => {
                     let kwargs = self.pop()?;
@@ -581,8 +774,8 @@ impl Machine<'_> {
                     if !matches!(&kwargs, Value::Dict(d) if d.borrow().is_empty()) {
                         bail!("refusing NEWOBJ_EX with keyword arguments for {}", cls.describe());
                     }
-                    let v = call(cls, args)?;
-                    self.push(v);
+                    let v = self.call(cls, args)?;
+                    self.push(v)?;
                 }
                 b'b' => {
                     let state = self.pop()?;
@@ -597,12 +790,12 @@ impl Machine<'_> {
                 b'Q' => {
                     let pid = self.pop()?;
                     let v = (self.persistent_load)(pid)?;
-                    self.push(v);
+                    self.push(v)?;
                 }
                 b'P' => {
                     let l = self.line()?;
                     let v = (self.persistent_load)(Value::Str(l))?;
-                    self.push(v);
+                    self.push(v)?;
                 }
                 b'i' => {
                     let module = self.line()?;
@@ -629,21 +822,75 @@ impl Machine<'_> {
     }
 
     fn set_items(&mut self, items: Vec<(Value, Value)>) -> Result<()> {
-        match self.top()? {
-            Value::Dict(d) => {
-                let mut d = d.borrow_mut();
-                for (k, v) in items {
-                    // Python semantics: a repeated key replaces the earlier value in place.
-                    if let Some(slot) = d.iter_mut().find(|(ek, _)| same_key(ek, &k)) {
-                        slot.1 = v;
-                    } else {
-                        d.push((k, v));
-                    }
-                }
-                Ok(())
-            }
+        let d = match self.top()? {
+            Value::Dict(d) => d.clone(),
             other => bail!("malformed pickle: SETITEM on {}", other.type_name()),
+        };
+        let ptr = Rc::as_ptr(&d);
+        if !self.dict_index.contains_key(&ptr) && d.borrow().len() + items.len() <= INDEX_FROM {
+            let mut entries = d.borrow_mut();
+            for (k, v) in items {
+                // Python semantics: a repeated key replaces the earlier value in place.
+                match entries.iter_mut().find(|(e, _)| same_key(e, &k)) {
+                    Some(slot) => slot.1 = v,
+                    None => entries.push((k, v)),
+                }
+            }
+            return Ok(());
         }
+        // The index copies the keys: charged like the values they come from.
+        let new_keys = if self.dict_index.contains_key(&ptr) { 0 } else { d.borrow().len() };
+        let key_bytes: usize = items.iter().map(|(k, _)| cost(k)).sum();
+        self.charge(key_bytes + new_keys * std::mem::size_of::<Value>())?;
+        let (_, index) = self.dict_index.entry(ptr).or_insert_with(|| {
+            let index = d.borrow().iter().enumerate().filter_map(|(i, (k, _))| Some((Key::of(k)?, i))).collect();
+            (d.clone(), index)
+        });
+        let mut entries = d.borrow_mut();
+        for (k, v) in items {
+            // Python semantics: a repeated key replaces the earlier value in place.
+            match Key::of(&k) {
+                Some(key) => match index.get(&key) {
+                    Some(&i) => entries[i].1 = v,
+                    None => {
+                        index.insert(key, entries.len());
+                        entries.push((k, v));
+                    }
+                },
+                None => entries.push((k, v)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies an allowed callable. Every global reaching here passed [`check_global`].
+    fn call(&mut self, func: Value, args: Value) -> Result<Value> {
+        let (mut func, mut args) = (func, args);
+        // `_rebuild_from_type_v2(func, type, args, state)` calls `func(*args)`; a loop, not
+        // recursion, since a pickle can nest such calls arbitrarily deep.
+        loop {
+            let Value::Global(module, name) = &func else {
+                bail!("refusing to call a {} (only allowed globals can be called)", func.describe());
+            };
+            if (module.as_str(), name.as_str()) != ("torch._tensor", "_rebuild_from_type_v2") {
+                break;
+            }
+            let a = tuple_items(&args, "torch._tensor._rebuild_from_type_v2")?;
+            if a.len() < 3 {
+                bail!("torch._tensor._rebuild_from_type_v2 expects 4 arguments, got {}", a.len());
+            }
+            (func, args) = (a[0].clone(), a[2].clone());
+        }
+        let v = call(&func, &args)?;
+        if let Value::Dict(d) = &v {
+            let items = d.borrow();
+            let n = items.len();
+            let bytes: usize = items.iter().map(|(k, x)| cost(k) + cost(x)).sum();
+            drop(items);
+            self.charge(bytes + n * std::mem::size_of::<(Value, Value)>())?;
+        }
+        self.charge(cost(&v))?;
+        Ok(v)
     }
 }
 
@@ -681,16 +928,16 @@ fn long_from_le(b: Vec<u8>) -> Value {
     }
 }
 
-fn tuple_items(args: Value, what: &str) -> Result<Vec<Value>> {
+fn tuple_items(args: &Value, what: &str) -> Result<Vec<Value>> {
     match args {
         Value::Tuple(t) => Ok(t.as_ref().clone()),
         other => bail!("expected an argument tuple for {what}, found {}", other.describe()),
     }
 }
 
-/// Applies an allowed callable. Every global reaching here passed [`check_global`].
-fn call(func: Value, args: Value) -> Result<Value> {
-    let Value::Global(module, name) = &func else {
+/// Applies an allowed callable other than `_rebuild_from_type_v2` (see [`Machine::call`]).
+fn call(func: &Value, args: &Value) -> Result<Value> {
+    let Value::Global(module, name) = func else {
         bail!("refusing to call a {} (only allowed globals can be called)", func.describe());
     };
     let full = format!("{module}.{name}");
@@ -705,7 +952,7 @@ fn call(func: Value, args: Value) -> Result<Value> {
                     other => bail!("OrderedDict from {} is not supported", other.describe()),
                 };
                 for it in items {
-                    let kv = match it {
+                    let kv = match &it {
                         Value::List(l) => l.borrow().clone(),
                         other => tuple_items(other, "OrderedDict item")?,
                     };
@@ -730,7 +977,7 @@ fn call(func: Value, args: Value) -> Result<Value> {
             if size.len() != stride.len() {
                 bail!("{full}: size {size:?} and stride {stride:?} differ in length");
             }
-            Ok(Value::Tensor(TensorRef { storage: storage.clone(), offset, size, stride }))
+            Ok(Value::Tensor(Box::new(TensorRef { storage: (**storage).clone(), offset, size, stride })))
         }
         "torch._utils._rebuild_parameter" | "torch._utils._rebuild_parameter_with_state" => {
             match a.into_iter().next() {
@@ -739,15 +986,9 @@ fn call(func: Value, args: Value) -> Result<Value> {
                 None => bail!("{full}: missing data argument"),
             }
         }
-        "torch._tensor._rebuild_from_type_v2" => {
-            if a.len() < 3 {
-                bail!("{full} expects 4 arguments, got {}", a.len());
-            }
-            call(a[0].clone(), a[2].clone())
-        }
         "torch.device" => match a.first() {
             Some(Value::Str(s)) => Ok(Value::Str(s.clone())),
-            _ => Ok(Value::Str(format!("{a:?}"))),
+            _ => Ok(Value::Str(format!("{:?}", Value::Tuple(Rc::new(a.clone()))))),
         },
         "torch.Size" => match a.into_iter().next() {
             Some(v) => Ok(Value::Tuple(Rc::new(v.as_int_seq("torch.Size")?.into_iter().map(Value::Int).collect()))),

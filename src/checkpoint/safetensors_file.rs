@@ -2,10 +2,12 @@
 //! converting to and from tch tensors.
 use super::state_dict::StateDict;
 use anyhow::{anyhow, bail, Context, Result};
-use safetensors::{Dtype, SafeTensors, View};
+use safetensors::tensor::Metadata;
+use safetensors::{Dtype, View};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::io::Read;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use tch::{Kind, Tensor};
 
@@ -56,20 +58,54 @@ fn dtype_of(k: Kind) -> Result<Dtype> {
     })
 }
 
+/// The safetensors format's own limit on the JSON header.
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// Reads the header, then each tensor straight from the file, so memory follows the tensors
+/// (one buffer at a time on top of them) rather than holding the whole file as well.
 pub fn read(path: &Path) -> Result<StateDict> {
-    let buf = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let st = SafeTensors::deserialize(&buf).map_err(|e| anyhow!("corrupt safetensors file {}: {e}", path.display()))?;
-    let (_, meta) = SafeTensors::read_metadata(&buf).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let corrupt = |what: String| anyhow!("corrupt safetensors file {}: {what}", path.display());
+    let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let len = f.metadata().with_context(|| format!("cannot read {}", path.display()))?.len();
+    let mut n8 = [0u8; 8];
+    f.read_exact(&mut n8).map_err(|_| corrupt(format!("{len} bytes, shorter than a header")))?;
+    let n = u64::from_le_bytes(n8);
+    if n > MAX_HEADER_BYTES || n > len.saturating_sub(8) {
+        return Err(corrupt(format!("header length {n} in a file of {len} bytes")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| corrupt(format!("cannot read the header: {e}")))?;
+    // Deserializing validates offsets against dtype and shape (contiguous, no overlap).
+    let meta: Metadata = serde_json::from_slice(&header).map_err(|e| corrupt(format!("header: {e}")))?;
+    drop(header);
+    let data_start = 8 + n;
+    let names = meta.offset_keys();
+    let end = names.last().and_then(|k| meta.info(k)).map_or(0, |i| i.data_offsets.1) as u64;
+    if end != len.saturating_sub(data_start) {
+        return Err(corrupt(format!(
+            "the header describes {end} bytes of tensors, the file holds {}",
+            len - data_start
+        )));
+    }
     let mut sd = StateDict::new();
     if let Some(m) = meta.metadata() {
         sd.metadata = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     }
     // In the order the data sits in the file (the header itself is a JSON map, unordered).
-    for name in meta.offset_keys() {
-        let view = st.tensor(&name).map_err(|e| anyhow!("{}: tensor {name}: {e}", path.display()))?;
-        let kind = kind_of(view.dtype()).with_context(|| format!("{}: tensor {name}", path.display()))?;
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        let t = super::tensor_from_bytes(view.data(), &shape, kind)
+    for name in names {
+        let info = meta.info(&name).ok_or_else(|| corrupt(format!("tensor {name} has no entry")))?;
+        let kind = kind_of(info.dtype).with_context(|| format!("{}: tensor {name}", path.display()))?;
+        let shape = info
+            .shape
+            .iter()
+            .map(|&d| i64::try_from(d))
+            .collect::<Result<Vec<i64>, _>>()
+            .map_err(|_| corrupt(format!("tensor {name}: shape {:?} out of range", info.shape)))?;
+        let (s, e) = info.data_offsets;
+        let mut bytes = vec![0u8; e - s];
+        f.seek(SeekFrom::Start(data_start + s as u64))?;
+        f.read_exact(&mut bytes).map_err(|err| corrupt(format!("tensor {name}: {err}")))?;
+        let t = super::tensor_from_bytes(&bytes, &shape, kind)
             .with_context(|| format!("{}: tensor {name}", path.display()))?;
         sd.insert(name, t);
     }

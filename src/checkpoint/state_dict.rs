@@ -79,12 +79,20 @@ impl StateDict {
             let mut file = TorchFile::open(path)?;
             let root = file.root.clone();
             let mut sd = StateDict::new();
-            let (selected, label) = select(&root, key).with_context(|| format!("in {}", path.display()))?;
+            let (selected, label) =
+                select(&root, key, file.pickle_bytes()).with_context(|| format!("in {}", path.display()))?;
             if let Some(label) = label {
                 sd.notes.push(label);
             }
             let mut refs = Vec::new();
-            flatten(&selected, String::new(), 0, &mut refs, &mut sd.notes)?;
+            let mut walk = Walk {
+                out: &mut refs,
+                notes: &mut sd.notes,
+                entries: 0,
+                name_bytes: 0,
+                max_entries: max_entries(file.pickle_bytes()),
+            };
+            walk.flatten(&selected, String::new(), 0).with_context(|| format!("in {}", path.display()))?;
             for (name, t) in refs {
                 let tensor =
                     file.tensor(&t).with_context(|| format!("tensor {name:?} in {}", file.path().display()))?;
@@ -151,16 +159,37 @@ fn lookup(v: &Value, key: &str) -> Option<Value> {
 
 /// Nesting deeper than this is refused: no real checkpoint comes close, and it bounds recursion.
 const MAX_DEPTH: usize = 64;
+/// Bytes of key names (joined with dots) a walk may build; see [`max_entries`].
+const MAX_NAME_BYTES: usize = 64 << 20;
 
-fn count_tensors(v: &Value) -> usize {
-    fn go(v: &Value, depth: usize) -> usize {
+/// Entries a walk through a checkpoint's dicts may visit. A pickle can share one dict under many
+/// keys (memo references), so a few hundred bytes can describe a tree with 2^60 paths; without
+/// sharing, every entry takes at least 3 bytes of pickle (key, value, its share of SETITEMS).
+fn max_entries(pickle_bytes: usize) -> usize {
+    4096 + pickle_bytes / 3
+}
+
+/// Tensors under `v`, visiting at most `limit` entries in all (`visits` is shared by every call
+/// for one file).
+fn count_tensors(v: &Value, visits: &mut usize, limit: usize) -> usize {
+    fn go(v: &Value, depth: usize, visits: &mut usize, limit: usize) -> usize {
+        *visits += 1;
         match v {
             Value::Tensor(_) => 1,
-            Value::Dict(d) if depth < MAX_DEPTH => d.borrow().iter().map(|(_, v)| go(v, depth + 1)).sum(),
+            Value::Dict(d) if depth < MAX_DEPTH => {
+                let mut n = 0;
+                for (_, x) in d.borrow().iter() {
+                    if *visits >= limit {
+                        break;
+                    }
+                    n += go(x, depth + 1, visits, limit);
+                }
+                n
+            }
             _ => 0,
         }
     }
-    go(v, 0)
+    go(v, 0, visits, limit)
 }
 
 fn is_optimizer_state(v: &Value) -> bool {
@@ -178,7 +207,8 @@ fn top_keys(v: &Value) -> Vec<String> {
     }
 }
 
-fn select(root: &Value, key: Option<&str>) -> Result<(Value, Option<String>)> {
+fn select(root: &Value, key: Option<&str>, pickle_bytes: usize) -> Result<(Value, Option<String>)> {
+    let limit = max_entries(pickle_bytes);
     if !matches!(root, Value::Dict(_)) {
         bail!("the checkpoint's top level is a {}, not a dict of tensors", root.type_name());
     }
@@ -195,12 +225,20 @@ fn select(root: &Value, key: Option<&str>) -> Result<(Value, Option<String>)> {
     if direct {
         return Ok((root.clone(), None));
     }
+    let mut visits = 0;
     let candidates: Vec<(String, Value)> = d
         .borrow()
         .iter()
-        .filter(|(_, v)| count_tensors(v) > 0 && !is_optimizer_state(v))
+        .filter(|(_, v)| count_tensors(v, &mut visits, limit) > 0 && !is_optimizer_state(v))
         .filter_map(|(k, v)| Some((key_string(k)?, v.clone())))
         .collect();
+    if visits >= limit {
+        bail!(
+            "the checkpoint has more than {limit} entries for its {pickle_bytes} bytes of pickle \
+             (dicts shared under several keys): refusing"
+        );
+    }
+    let mut visits = 0;
     match candidates.as_slice() {
         [] => bail!("no state dict found; top-level entries: {}", top_keys(root).join(", ")),
         [(k, v)] => Ok((v.clone(), Some(format!("used the entry {k:?} (the only state dict in the checkpoint)")))),
@@ -212,40 +250,67 @@ fn select(root: &Value, key: Option<&str>) -> Result<(Value, Option<String>)> {
                     Some(format!("used the entry \"state_dict\"; also present: {others:?} (choose with --key)")),
                 ))
             } else {
-                let names: Vec<String> =
-                    many.iter().map(|(k, v)| format!("{k:?} ({} tensors)", count_tensors(v))).collect();
+                let names: Vec<String> = many
+                    .iter()
+                    .map(|(k, v)| format!("{k:?} ({} tensors)", count_tensors(v, &mut visits, limit)))
+                    .collect();
                 bail!("the checkpoint holds several state dicts: {}; choose one with --key", names.join(", "))
             }
         }
     }
 }
 
-fn flatten(
-    v: &Value,
-    prefix: String,
-    depth: usize,
-    out: &mut Vec<(String, super::pickle::TensorRef)>,
-    notes: &mut Vec<String>,
-) -> Result<()> {
-    match v {
-        Value::Tensor(t) => {
-            out.push((prefix, t.clone()));
-            Ok(())
+/// Collects the tensors under a dict with their dotted names, within [`max_entries`] and
+/// [`MAX_NAME_BYTES`].
+struct Walk<'a> {
+    out: &'a mut Vec<(String, super::pickle::TensorRef)>,
+    notes: &'a mut Vec<String>,
+    entries: usize,
+    name_bytes: usize,
+    max_entries: usize,
+}
+
+impl Walk<'_> {
+    fn flatten(&mut self, v: &Value, prefix: String, depth: usize) -> Result<()> {
+        self.entries += 1;
+        self.name_bytes += prefix.len();
+        if self.entries > self.max_entries || self.name_bytes > MAX_NAME_BYTES {
+            bail!(
+                "more than {} entries or {} MiB of key names (at {:?}; dicts shared under several keys?): refusing",
+                self.max_entries,
+                MAX_NAME_BYTES >> 20,
+                short(&prefix)
+            );
         }
-        Value::Dict(_) if depth >= MAX_DEPTH => {
-            bail!("dicts nested more than {MAX_DEPTH} levels deep at {prefix:?}")
-        }
-        Value::Dict(d) => {
-            for (k, v) in d.borrow().iter() {
-                let k = key_string(k).ok_or_else(|| anyhow!("non-string key {} under {prefix:?}", k.describe()))?;
-                let name = if prefix.is_empty() { k } else { format!("{prefix}.{k}") };
-                flatten(v, name, depth + 1, out, notes)?;
+        match v {
+            Value::Tensor(t) => {
+                self.out.push((prefix, (**t).clone()));
+                Ok(())
             }
-            Ok(())
+            Value::Dict(_) if depth >= MAX_DEPTH => {
+                bail!("dicts nested more than {MAX_DEPTH} levels deep at {:?}", short(&prefix))
+            }
+            Value::Dict(d) => {
+                for (k, v) in d.borrow().iter() {
+                    let k = key_string(k)
+                        .ok_or_else(|| anyhow!("non-string key {} under {:?}", k.describe(), short(&prefix)))?;
+                    let name = if prefix.is_empty() { k } else { format!("{prefix}.{k}") };
+                    self.flatten(v, name, depth + 1)?;
+                }
+                Ok(())
+            }
+            other => {
+                self.notes.push(format!("skipped non-tensor entry {prefix:?} ({})", other.type_name()));
+                Ok(())
+            }
         }
-        other => {
-            notes.push(format!("skipped non-tensor entry {prefix:?} ({})", other.type_name()));
-            Ok(())
-        }
+    }
+}
+
+/// A key name cut for an error message (names built from a hostile file can be huge).
+fn short(name: &str) -> String {
+    match name.char_indices().nth(200) {
+        Some((i, _)) => format!("{}...", &name[..i]),
+        None => name.to_string(),
     }
 }
