@@ -45,8 +45,10 @@ ifneq ($(GLOO_INCLUDE),)
 	mkdir -p $(VENV)/gloo && rm -rf $(VENV)/gloo/include && ln -sfn "$(MEDGEN_GLOO_INCLUDE)" $(VENV)/gloo/include
 else
 	command -v apt-get >/dev/null || { echo "no apt-get here: set GLOO_INCLUDE=<a directory holding gloo/config.h>" >&2; exit 1; }
+	# A machine whose package lists were never fetched: fetch them (as root) and try once more.
 	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
-	{ (cd "$$tmp" && apt-get download -q libgloo-dev=$(GLOO_DEB_VERSION)) || { echo "apt-get could not download" \
+	{ (cd "$$tmp" && { apt-get download -q libgloo-dev=$(GLOO_DEB_VERSION) || { [ "$$(id -u)" = 0 ] && \
+		apt-get update -q >/dev/null && apt-get download -q libgloo-dev=$(GLOO_DEB_VERSION); }; }) || { echo "apt-get could not download" \
 		"libgloo-dev=$(GLOO_DEB_VERSION) (Debian 12's): set GLOO_INCLUDE=<a directory holding gloo/config.h>" >&2; exit 1; }; } && \
 	$(VPY) tests/extract_gloo_headers.py "$$tmp"/libgloo-dev_*.deb $(GLOO_DEB_SHA256) $(VENV)/gloo
 endif
