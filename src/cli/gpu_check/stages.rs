@@ -171,9 +171,8 @@ fn device_arg(cuda: Option<Device>) -> String {
     }
 }
 
-/// The fp32 base runs (the frozen stages of the others and the sampling check's networks), then
-/// every stage with fp16 and with bf16: stopped at step `STOP_AT`, resumed to the end.
-pub(super) fn train(report: &mut Report, s: &Setup, cuda: Option<Device>) {
+/// The fp32 runs of each stage: the frozen stages of the others and the sampling check's networks.
+pub(super) fn base_runs(report: &mut Report, s: &Setup, cuda: Option<Device>) {
     let dev = device_arg(cuda);
     for stage in ["aekl", "ldm", "controlnet"] {
         report.check(&format!("train {stage} fp32 (base run for the others)"), &dev, || {
@@ -181,6 +180,11 @@ pub(super) fn train(report: &mut Report, s: &Setup, cuda: Option<Device>) {
             losses_report(&s.run_dir(&format!("base_{stage}")))
         });
     }
+}
+
+/// Every stage with fp16 and with bf16: stopped at step `STOP_AT`, resumed to the end.
+pub(super) fn train(report: &mut Report, s: &Setup, cuda: Option<Device>) {
+    let dev = device_arg(cuda);
     for stage in ["aekl", "ldm", "controlnet"] {
         for (precision, how) in [("fp16", "fp16 autocast + loss scaler"), ("bf16", "bf16 autocast")] {
             let run = format!("{stage}_{precision}");
