@@ -90,6 +90,7 @@ cat >"$bundle/run.sh" <<EOF
 # \`medgen gpu-check\` on a lent GPU machine, from the repository root: bash $bundle/run.sh [gpu-check options]
 # Made by \`make gpu-check-bundle\` against torch $built_version; runs on that machine's own libtorch.
 # The report and log go to \$OUT (the device tool's folder that comes back) or, without it, gpu-check/.
+# GPU_CHECK_DEVICE (default cuda) chooses the device; cuda fails where CUDA is absent.
 set -euo pipefail
 here=\$(cd "\$(dirname "\$0")" && pwd)
 py=\${PYTHON:-python3}
@@ -106,7 +107,7 @@ chmod +x "\$scratch/medgen"
 report_dir=\${OUT:-gpu-check}
 mkdir -p "\$report_dir"
 export LD_LIBRARY_PATH="\$torch_lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
-"\$scratch/medgen" gpu-check --device cuda --fid-network "\$here/fid" --work "\$scratch/work" \\
+"\$scratch/medgen" gpu-check --device "\${GPU_CHECK_DEVICE:-cuda}" --fid-network "\$here/fid" --work "\$scratch/work" \\
     --output "\$report_dir/report.md" "\$@" 2>&1 | tee "\$report_dir/gpu-check.log"
 EOF
 chmod +x "$bundle/run.sh"

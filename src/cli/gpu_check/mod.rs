@@ -192,6 +192,8 @@ pub fn run(a: Args) -> Result<()> {
     }
     let work = a.work.clone().unwrap_or_else(|| a.output.with_file_name("work"));
     fresh_work_dir(&work)?;
+    // Absolute: the data lists written there hold paths, read relative to the list otherwise.
+    let work = work.canonicalize().with_context(|| format!("cannot resolve {}", work.display()))?;
     let start = Instant::now();
     let n_gpus = Cuda::device_count();
     let header = vec![
