@@ -14,33 +14,36 @@ const TOL_FP32: f64 = 1e-4;
 /// cuDNN as libtorch sets it up (TF32 convolutions allowed): about 10 mantissa bits per product.
 const TOL_CUDNN: f64 = 1e-2;
 
+/// Boxed: the networks' structs are a few kB each.
 enum Net {
-    Aekl(AutoencoderKL),
-    Unet(DiffusionModelUNet),
-    ControlNet(ControlNet),
-    Discriminator(PatchDiscriminator),
+    Aekl(Box<AutoencoderKL>),
+    Unet(Box<DiffusionModelUNet>),
+    Cn(Box<ControlNet>),
+    Discriminator(Box<PatchDiscriminator>),
 }
 
 impl Net {
     fn build(name: &str, vs: &VarStore) -> Result<Self> {
         let p = vs.root();
         Ok(match name {
-            "AutoencoderKL" => Net::Aekl(AutoencoderKL::new(&p, &from_json(aekl_params())?, Generation::Monai)?),
+            "AutoencoderKL" => {
+                Net::Aekl(Box::new(AutoencoderKL::new(&p, &from_json(aekl_params())?, Generation::Monai)?))
+            }
             "DiffusionModelUNet" => {
                 let mut params = unet_params();
                 params["out_channels"] = json!(3);
-                Net::Unet(DiffusionModelUNet::new(&p, &from_json(params)?, Generation::Monai)?)
+                Net::Unet(Box::new(DiffusionModelUNet::new(&p, &from_json(params)?, Generation::Monai)?))
             }
             "ControlNet" => {
                 let mut params = unet_params();
                 params["conditioning_embedding_num_channels"] = json!([8, 8]);
-                Net::ControlNet(ControlNet::new(&p, &from_json(params)?, Generation::Monai)?)
+                Net::Cn(Box::new(ControlNet::new(&p, &from_json(params)?, Generation::Monai)?))
             }
             _ => {
                 let cfg: PatchDiscriminatorConfig = from_json(
                     json!({"spatial_dims": 2, "channels": 8, "num_layers_d": 3, "in_channels": 1, "out_channels": 1}),
                 )?;
-                Net::Discriminator(PatchDiscriminator::new(&p, &cfg)?)
+                Net::Discriminator(Box::new(PatchDiscriminator::new(&p, &cfg)?))
             }
         })
     }
@@ -53,7 +56,7 @@ impl Net {
         match self {
             Net::Aekl(_) | Net::Discriminator(_) => vec![randn(&[2, 1, 64, 64])],
             Net::Unet(_) => vec![randn(&[2, 3, 32, 32]), t],
-            Net::ControlNet(_) => vec![randn(&[2, 3, 32, 32]), t, randn(&[2, 1, 64, 64])],
+            Net::Cn(_) => vec![randn(&[2, 3, 32, 32]), t, randn(&[2, 1, 64, 64])],
         }
     }
 
@@ -66,7 +69,7 @@ impl Net {
                 vec![m.decode(&mu)?, mu, sigma]
             }
             Net::Unet(m) => vec![m.forward(&x[0], &x[1], &cond)?],
-            Net::ControlNet(m) => {
+            Net::Cn(m) => {
                 let out = m.forward(&x[0], &x[1], &x[2], 1.0, &cond)?;
                 let mut v = out.down_block_res_samples;
                 v.push(out.mid_block_res_sample);
