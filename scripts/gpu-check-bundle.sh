@@ -27,19 +27,21 @@ say() { echo "gpu-check-bundle: $*"; }
 # 1. The torch wheel the lent machine has (PyPI's default Linux x86-64 build, CUDA 13.0): its lib/ to
 #    link against and include/ for torch-sys's C++. The CUDA libraries libtorch_cuda.so needs at link
 #    time are those of the project's venv (same CUDA major), linked where the wheel's RPATH looks.
-wheel=$(ls "$out"/wheels/torch-"$TORCH_VERSION"-*.whl 2>/dev/null | head -n 1 || true)
-if [ -z "$wheel" ]; then
-    say "downloading torch==$TORCH_VERSION (no dependencies)"
-    "$VPY" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
-        --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
-        -d "$out/wheels" "torch==$TORCH_VERSION"
-    wheel=$(ls "$out"/wheels/torch-"$TORCH_VERSION"-*.whl | head -n 1)
-fi
 if [ ! -f "$torch_dir/.unpacked" ]; then
+    wheel=$(ls "$out"/wheels/torch-"$TORCH_VERSION"-*.whl 2>/dev/null | head -n 1 || true)
+    if [ -z "$wheel" ]; then
+        say "downloading torch==$TORCH_VERSION (no dependencies, ~530 MB)"
+        "$VPY" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+            --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+            -d "$out/wheels" "torch==$TORCH_VERSION"
+        wheel=$(ls "$out"/wheels/torch-"$TORCH_VERSION"-*.whl | head -n 1)
+    fi
     say "unpacking $(basename "$wheel")"
     rm -rf "$torch_dir"
     unzip -q "$wheel" 'torch/lib/*' 'torch/include/*' 'torch/version.py' -d "$torch_dir"
     touch "$torch_dir/.unpacked"
+    # Only lib/ and include/ are used from here on.
+    rm -f "$wheel"
 fi
 nvidia=$("$VPY" -c 'import nvidia, os; print(os.path.realpath(list(nvidia.__path__)[0]))')
 ln -sfn "$nvidia" "$torch_dir/nvidia"
@@ -116,6 +118,9 @@ chmod +x "$bundle/run.sh"
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
 bundle_bytes=$(du -sb "$bundle" | cut -f1)
 tree_bytes=$(git ls-files -z | xargs -0 stat -c %s 2>/dev/null | awk '{ s += $1 } END { print s + 0 }')
+glibc=$(objdump -T "$binary" | grep -oE 'GLIBC_[0-9.]+' | sort -V | tail -n 1)
+glibcxx=$(objdump -T "$binary" | grep -oE 'GLIBCXX_[0-9.]+' | sort -V | tail -n 1)
+say "the binary needs $glibc and $glibcxx (and the torch $built_version libraries) where it runs"
 say "bundle $(mib "$bundle_bytes") MiB (limit $MAX_MIB); with the tracked files $(mib $((bundle_bytes + tree_bytes))) MiB (a call carries $CALL_MIB)"
 ls -l "$bundle" "$bundle/fid"
 if [ "$bundle_bytes" -gt $((MAX_MIB * 1048576)) ] || [ $((bundle_bytes + tree_bytes)) -gt $((CALL_MIB * 1048576)) ]; then
