@@ -145,3 +145,15 @@ bench: build
 
 clean-fixtures:
 	rm -rf $(FIXTURES)
+
+# The CUDA paths against the CPU (docs/gpu-check.md): gpu-check/report.md. Without CUDA, the CPU
+# halves run and every CUDA comparison is reported as skipped. GPU_CHECK_DEVICE=cuda insists on CUDA.
+GPU_CHECK_DEVICE ?= auto
+.PHONY: gpu-check gpu-check-bundle
+gpu-check: build
+	$(MEDGEN) gpu-check --device $(GPU_CHECK_DEVICE) --fid-wheel $(FID_WHEEL) --output gpu-check/report.md
+
+# What travels to a lent GPU machine (torch 2.11, no Rust, 64 MiB a call): gpu-check/bundle/, run
+# there as `bash gpu-check/bundle/run.sh`. Builds against torch 2.11 in target/gpu-check/ only.
+gpu-check-bundle: setup
+	VPY=$(VPY) FID_WHEEL=$(FID_WHEEL) scripts/gpu-check-bundle.sh

@@ -4,6 +4,7 @@ mod convert;
 mod encode_prompt;
 mod eval;
 mod forward;
+mod gpu_check;
 mod inspect;
 mod launch;
 mod preprocess;
@@ -56,6 +57,8 @@ pub enum Command {
     Bench(bench::Args),
     /// The reference metrics (reconstruction MS-SSIM, FID/KID, diversity, FLAIR->T1w PSNR/MAE/MS-SSIM) and the report.
     Eval(eval::Args),
+    /// The CUDA paths against the CPU (forwards, mixed-precision training, sampling, FID features): gpu-check/report.md.
+    GpuCheck(gpu_check::Args),
 }
 
 /// Networks the commands know.
@@ -126,6 +129,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Sample(a) => sample::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::GpuCheck(a) => gpu_check::run(a),
     }
 }
 
