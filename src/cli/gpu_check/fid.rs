@@ -129,7 +129,7 @@ pub(super) fn run(
         report.skip(&compare, "cuda", why);
         return;
     };
-    // TODO(device::set_deterministic): as in forward.rs, cuDNN off is tch's TF32-free setting.
+    // cuDNN off, as in forward.rs's first row (TF32 is off process-wide: `run` set it).
     report.check(&compare, &format!("{d:?}"), || {
         let was = Cuda::user_enabled_cudnn();
         Cuda::set_user_enabled_cudnn(false);

@@ -11,8 +11,6 @@ use tch::{Cuda, Device, Kind, Tensor};
 
 /// fp32 with no TF32 anywhere: the bound on `max |cuda - cpu| / max |cpu|`.
 const TOL_FP32: f64 = 1e-4;
-/// cuDNN as libtorch sets it up (TF32 convolutions allowed): about 10 mantissa bits per product.
-const TOL_CUDNN: f64 = 1e-2;
 
 /// Boxed: the networks' structs are a few kB each.
 enum Net {
@@ -149,11 +147,10 @@ pub(super) fn run(report: &mut Report, cuda: Option<Device>) {
             report.skip(&format!("forward {name}: cuda vs cpu"), "cuda", "the CPU forward failed");
             continue;
         };
-        // TODO(device::set_deterministic): switch TF32 off through the `--deterministic` settings
-        // once src/device.rs has them; until then cuDNN off is the TF32-free path tch offers
-        // (libtorch's own convolutions run on cuBLAS, whose TF32 is off by default).
+        // `run` made the process deterministic (TF32 off in cuDNN and cuBLAS): both kernel families are
+        // held to the fp32 bound, libtorch's own convolutions (cuDNN off) and cuDNN's.
         for (cudnn, tol, how) in
-            [(false, TOL_FP32, "cuDNN off, no TF32"), (true, TOL_CUDNN, "cuDNN, libtorch defaults")]
+            [(false, TOL_FP32, "cuDNN off, no TF32"), (true, TOL_FP32, "cuDNN deterministic, no TF32")]
         {
             report.check(&format!("forward {name}: cuda vs cpu ({how})"), &format!("{cuda:?}"), || {
                 let was = Cuda::user_enabled_cudnn();

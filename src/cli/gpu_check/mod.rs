@@ -187,6 +187,10 @@ fn cuda_device(arg: &str) -> Result<Option<Device>> {
 
 pub fn run(a: Args) -> Result<()> {
     let cuda = cuda_device(&a.device)?;
+    if cuda.is_some() {
+        // fp32 means fp32 in the CUDA vs CPU rows: TF32 off in cuDNN and cuBLAS, deterministic cuDNN.
+        crate::device::set_deterministic()?;
+    }
     if let Some(dir) = a.output.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
