@@ -1,6 +1,7 @@
 //! `medgen gpu-check`: the CUDA paths against the CPU, in one command that fits a lent GPU
 //! machine's few minutes (docs/gpu-check.md). Each check is a row of `report.md`; without CUDA the
 //! CPU halves run and every CUDA comparison is a SKIPPED row that says so.
+mod cuda_paths;
 mod fid;
 mod forward;
 mod stages;
@@ -31,7 +32,7 @@ pub struct Args {
     #[arg(long, conflicts_with = "fid_wheel")]
     fid_network: Option<PathBuf>,
     /// Only these groups of checks (comma-separated); the others are listed as SKIPPED.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "forward,train,sample,fid,two-ranks")]
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "forward,train,sample,fid,two-ranks,cuda-paths")]
     checks: Vec<Group>,
 }
 
@@ -48,6 +49,8 @@ enum Group {
     Fid,
     /// A data-parallel step on two GPUs.
     TwoRanks,
+    /// The process group, CPU-generator init, determinism flags and loss scaler on the device.
+    CudaPaths,
 }
 
 /// What became of one check.
@@ -217,7 +220,9 @@ pub fn run(a: Args) -> Result<()> {
     report.write()?;
 
     let on = |g: Group| a.checks.contains(&g);
-    for g in [Group::Forward, Group::Train, Group::Sample, Group::Fid, Group::TwoRanks].into_iter().filter(|g| !on(*g))
+    for g in [Group::Forward, Group::Train, Group::Sample, Group::Fid, Group::TwoRanks, Group::CudaPaths]
+        .into_iter()
+        .filter(|g| !on(*g))
     {
         report.skip(&format!("{g:?} checks"), "-", "not asked for (--checks)");
     }
@@ -245,6 +250,9 @@ pub fn run(a: Args) -> Result<()> {
     }
     if on(Group::TwoRanks) {
         two_ranks(&mut report, n_gpus);
+    }
+    if on(Group::CudaPaths) {
+        cuda_paths::run(&mut report, cuda);
     }
 
     report.header.push(format!("took {:.0} s", start.elapsed().as_secs_f64()));
