@@ -59,10 +59,11 @@ pub(super) fn run(report: &mut Report, cuda: Option<Device>) {
     }
 
     report.check("determinism flags: set_deterministic() reads back", "cpu", || {
+        let before = Determinism::current()?.is_deterministic();
         set_deterministic()?;
         let d = Determinism::current()?;
         ensure!(d.is_deterministic(), "after set_deterministic(): {d:?}");
-        Ok((format!("{d:?}"), Status::Pass))
+        Ok((format!("deterministic before: {before}; after: {d:?}"), Status::Pass))
     });
     let name = "determinism flags: still set after the CUDA rows";
     match cuda {
