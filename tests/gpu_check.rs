@@ -71,6 +71,7 @@ fn without_cuda_the_cpu_halves_run_and_every_cuda_check_says_it_was_skipped() {
         "train controlnet bf16",
         "sample flair-to-t1w",
         "FID features",
+        "2-rank step (gloo) = 1 rank on the concatenated batch",
         "process group (gloo): all-reduce, barrier, leave; joined twice",
         "init on the CPU generator: same seed, same weights",
         "determinism flags: set_deterministic() reads back",
@@ -112,7 +113,9 @@ fn without_cuda_the_cpu_halves_run_and_every_cuda_check_says_it_was_skipped() {
     assert!(cpu
         .iter()
         .any(|r| r[0].starts_with("determinism flags") && r[2].starts_with("deterministic before: false")));
-    assert!(cuda.iter().any(|r| r[0].starts_with("2-rank step") && r[3].starts_with("SKIPPED: 0 GPU(s)")), "{text}");
+    assert!(cuda.iter().any(|r| r[0].starts_with("2-rank step (NCCL)") && r[3] == "SKIPPED: no CUDA"), "{text}");
+    let two = cpu.iter().find(|r| r[0].starts_with("2-rank step (gloo)")).unwrap();
+    assert!(two[2].contains("gradients: rel. error"), "{two:?}");
     assert!(rows.iter().all(|r| r[3] == "PASS" || r[3].starts_with("SKIPPED")), "{text}");
     assert!(text.contains("CUDA: not available"), "{text}");
 

@@ -5,6 +5,7 @@ mod cuda_paths;
 mod fid;
 mod forward;
 mod stages;
+mod two_ranks;
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -47,7 +48,7 @@ enum Group {
     Sample,
     /// The FID network's features.
     Fid,
-    /// A data-parallel step on two GPUs.
+    /// A data-parallel step in two ranks (Gloo on the CPU; NCCL on two GPUs).
     TwoRanks,
     /// The process group, CPU-generator init, determinism flags and loss scaler on the device.
     CudaPaths,
@@ -189,6 +190,9 @@ fn cuda_device(arg: &str) -> Result<Option<Device>> {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if let Some(out) = std::env::var_os(two_ranks::WORKER) {
+        return two_ranks::worker(Path::new(&out), crate::device::parse(&a.device)?);
+    }
     let cuda = cuda_device(&a.device)?;
     if cuda.is_some() {
         // fp32 means fp32 in the CUDA vs CPU rows: TF32 off in cuDNN and cuBLAS, deterministic cuDNN.
@@ -249,7 +253,7 @@ pub fn run(a: Args) -> Result<()> {
         fid::run(&mut report, cuda, &work, a.fid_wheel.as_deref(), a.fid_network.as_deref(), images.as_deref());
     }
     if on(Group::TwoRanks) {
-        two_ranks(&mut report, n_gpus);
+        two_ranks::run(&mut report, cuda, n_gpus, &work);
     }
     if on(Group::CudaPaths) {
         cuda_paths::run(&mut report, cuda);
@@ -263,19 +267,4 @@ pub fn run(a: Args) -> Result<()> {
         bail!("{failed} check(s) FAILED: see {}", a.output.display());
     }
     Ok(())
-}
-
-/// Two ranks on two GPUs against one rank on the concatenated batch. The data-parallel arithmetic
-/// is checked on the CPU (Gloo) by tests/distributed.rs; the NCCL run needs a second GPU.
-fn two_ranks(report: &mut Report, n_gpus: i64) {
-    let name = "2-rank step (NCCL) = 1 rank on the concatenated batch";
-    if n_gpus < 2 {
-        report.skip(name, "2 x cuda", &format!("{n_gpus} GPU(s): needs 2"));
-    } else {
-        report.skip(
-            name,
-            "2 x cuda",
-            "not written yet: the CPU (Gloo) version is tests/distributed.rs; run it with 2 GPUs by hand",
-        );
-    }
 }
