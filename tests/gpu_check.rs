@@ -71,6 +71,11 @@ fn without_cuda_the_cpu_halves_run_and_every_cuda_check_says_it_was_skipped() {
         "train controlnet bf16",
         "sample flair-to-t1w",
         "FID features",
+        "2-rank step (gloo) = 1 rank on the concatenated batch",
+        "process group (gloo): all-reduce, barrier, leave; joined twice",
+        "init on the CPU generator: same seed, same weights",
+        "determinism flags: set_deterministic() reads back",
+        "grad scaler: unscale with one inf skips the step, then a finite one steps",
     ];
     for name in expected {
         let r = cpu.iter().find(|r| r[0].starts_with(name)).unwrap_or_else(|| panic!("no CPU row {name:?}:\n{text}"));
@@ -94,7 +99,23 @@ fn without_cuda_the_cpu_halves_run_and_every_cuda_check_says_it_was_skipped() {
     for name in ["sample flair-to-t1w: cuda vs cpu PNGs", "FID features (InceptionV3 TorchScript, fp32): cuda vs cpu"] {
         assert!(cuda.iter().any(|r| r[0] == name && r[3] == "SKIPPED: no CUDA"), "{name}:\n{text}");
     }
-    assert!(cuda.iter().any(|r| r[0].starts_with("2-rank step") && r[3].starts_with("SKIPPED: 0 GPU(s)")), "{text}");
+    for name in [
+        "process group on the device: all-reduce, barrier, leave",
+        "init on the CPU generator: cuda build = cpu build",
+        "determinism flags: still set after the CUDA rows",
+        "grad scaler: unscale with one inf skips the step, then a finite one steps",
+    ] {
+        assert!(cuda.iter().any(|r| r[0] == name && r[3] == "SKIPPED: no CUDA"), "{name}:\n{text}");
+    }
+    // The one-rank group joined and left twice in one process (the second time after leave()).
+    let group = cpu.iter().find(|r| r[0].starts_with("process group (gloo)")).unwrap();
+    assert!(group[2].matches("Gloo on 127.0.0.1:").count() == 2, "{group:?}");
+    assert!(cpu
+        .iter()
+        .any(|r| r[0].starts_with("determinism flags") && r[2].starts_with("deterministic before: false")));
+    assert!(cuda.iter().any(|r| r[0].starts_with("2-rank step (NCCL)") && r[3] == "SKIPPED: no CUDA"), "{text}");
+    let two = cpu.iter().find(|r| r[0].starts_with("2-rank step (gloo)")).unwrap();
+    assert!(two[2].contains("gradients: rel. error"), "{two:?}");
     assert!(rows.iter().all(|r| r[3] == "PASS" || r[3].starts_with("SKIPPED")), "{text}");
     assert!(text.contains("CUDA: not available"), "{text}");
 

@@ -13,7 +13,7 @@ use tch::{Cuda, Device, Kind, Tensor};
 const TOL_FP32: f64 = 1e-4;
 
 /// Boxed: the networks' structs are a few kB each.
-enum Net {
+pub(super) enum Net {
     Aekl(Box<AutoencoderKL>),
     Unet(Box<DiffusionModelUNet>),
     Cn(Box<ControlNet>),
@@ -21,7 +21,7 @@ enum Net {
 }
 
 impl Net {
-    fn build(name: &str, vs: &VarStore) -> Result<Self> {
+    pub(super) fn build(name: &str, vs: &VarStore) -> Result<Self> {
         let p = vs.root();
         Ok(match name {
             "AutoencoderKL" => {

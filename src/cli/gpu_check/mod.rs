@@ -1,9 +1,11 @@
 //! `medgen gpu-check`: the CUDA paths against the CPU, in one command that fits a lent GPU
 //! machine's few minutes (docs/gpu-check.md). Each check is a row of `report.md`; without CUDA the
 //! CPU halves run and every CUDA comparison is a SKIPPED row that says so.
+mod cuda_paths;
 mod fid;
 mod forward;
 mod stages;
+mod two_ranks;
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -31,7 +33,7 @@ pub struct Args {
     #[arg(long, conflicts_with = "fid_wheel")]
     fid_network: Option<PathBuf>,
     /// Only these groups of checks (comma-separated); the others are listed as SKIPPED.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "forward,train,sample,fid,two-ranks")]
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "forward,train,sample,fid,two-ranks,cuda-paths")]
     checks: Vec<Group>,
 }
 
@@ -46,8 +48,10 @@ enum Group {
     Sample,
     /// The FID network's features.
     Fid,
-    /// A data-parallel step on two GPUs.
+    /// A data-parallel step in two ranks (Gloo on the CPU; NCCL on two GPUs).
     TwoRanks,
+    /// The process group, CPU-generator init, determinism flags and loss scaler on the device.
+    CudaPaths,
 }
 
 /// What became of one check.
@@ -186,6 +190,9 @@ fn cuda_device(arg: &str) -> Result<Option<Device>> {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if let Some(out) = std::env::var_os(two_ranks::WORKER) {
+        return two_ranks::worker(Path::new(&out), crate::device::parse(&a.device)?);
+    }
     let cuda = cuda_device(&a.device)?;
     if cuda.is_some() {
         // fp32 means fp32 in the CUDA vs CPU rows: TF32 off in cuDNN and cuBLAS, deterministic cuDNN.
@@ -217,7 +224,9 @@ pub fn run(a: Args) -> Result<()> {
     report.write()?;
 
     let on = |g: Group| a.checks.contains(&g);
-    for g in [Group::Forward, Group::Train, Group::Sample, Group::Fid, Group::TwoRanks].into_iter().filter(|g| !on(*g))
+    for g in [Group::Forward, Group::Train, Group::Sample, Group::Fid, Group::TwoRanks, Group::CudaPaths]
+        .into_iter()
+        .filter(|g| !on(*g))
     {
         report.skip(&format!("{g:?} checks"), "-", "not asked for (--checks)");
     }
@@ -244,7 +253,10 @@ pub fn run(a: Args) -> Result<()> {
         fid::run(&mut report, cuda, &work, a.fid_wheel.as_deref(), a.fid_network.as_deref(), images.as_deref());
     }
     if on(Group::TwoRanks) {
-        two_ranks(&mut report, n_gpus);
+        two_ranks::run(&mut report, cuda, n_gpus, &work);
+    }
+    if on(Group::CudaPaths) {
+        cuda_paths::run(&mut report, cuda);
     }
 
     report.header.push(format!("took {:.0} s", start.elapsed().as_secs_f64()));
@@ -255,19 +267,4 @@ pub fn run(a: Args) -> Result<()> {
         bail!("{failed} check(s) FAILED: see {}", a.output.display());
     }
     Ok(())
-}
-
-/// Two ranks on two GPUs against one rank on the concatenated batch. The data-parallel arithmetic
-/// is checked on the CPU (Gloo) by tests/distributed.rs; the NCCL run needs a second GPU.
-fn two_ranks(report: &mut Report, n_gpus: i64) {
-    let name = "2-rank step (NCCL) = 1 rank on the concatenated batch";
-    if n_gpus < 2 {
-        report.skip(name, "2 x cuda", &format!("{n_gpus} GPU(s): needs 2"));
-    } else {
-        report.skip(
-            name,
-            "2 x cuda",
-            "not written yet: the CPU (Gloo) version is tests/distributed.rs; run it with 2 GPUs by hand",
-        );
-    }
 }
