@@ -6,6 +6,7 @@ use super::optim::{meta_parse, snapshot, Optimizer};
 use crate::checkpoint::StateDict;
 use anyhow::{anyhow, bail, ensure, Result};
 use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_void, CStr};
 use tch::{Device, Kind, Tensor};
 
 /// `torch.amp.GradScaler`'s constructor arguments and defaults.
@@ -131,27 +132,27 @@ impl GradScaler {
         let _guard = tch::no_grad_guard();
         // PyTorch inverts in double and rounds to float once.
         let inv_scale = scale.f_to_kind(Kind::Double)?.f_reciprocal()?.f_to_kind(Kind::Float)?;
-        // As PyTorch's `_unscale_grads_`: per device, a found-inf flag and the inverse scale, and libtorch's
-        // `_amp_foreach_non_finite_check_and_unscale_` on each gradient (tch binds it one tensor at a time): it
-        // flags a non-finite value before multiplying, so a finite value the multiply overflows is no inf. Nothing
-        // is read back and nothing is copied per gradient.
-        let mut per_device: Vec<(Device, Tensor, Tensor)> = Vec::new();
-        for mut g in opt.grads()? {
+        // As PyTorch's `_unscale_grads_`: per device, a found-inf flag and the inverse scale, and one call of
+        // libtorch's `_amp_foreach_non_finite_check_and_unscale_` over that device's gradients (through the shim:
+        // tch does not bind the list form). It flags a non-finite value before multiplying, so a finite value the
+        // multiply overflows is no inf. Nothing is read back and nothing is copied per gradient.
+        let mut per_device: Vec<(Device, Vec<Tensor>)> = Vec::new();
+        for g in opt.grads()? {
             ensure!(g.kind() != Kind::Half, "Attempting to unscale FP16 gradients.");
             let device = g.device();
-            let slot = match per_device.iter().position(|(d, ..)| *d == device) {
-                Some(i) => i,
-                None => {
-                    let found = Tensor::f_zeros([], (Kind::Float, device))?;
-                    per_device.push((device, found, inv_scale.f_to_device(device)?));
-                    per_device.len() - 1
-                }
-            };
-            let (_, found, inv) = &mut per_device[slot];
-            g.f_internal_amp_non_finite_check_and_unscale(found, inv)?;
+            match per_device.iter_mut().find(|(d, _)| *d == device) {
+                Some((_, gs)) => gs.push(g),
+                None => per_device.push((device, vec![g])),
+            }
+        }
+        let mut flags = Vec::with_capacity(per_device.len());
+        for (device, grads) in &per_device {
+            let found = Tensor::f_zeros([], (Kind::Float, *device))?;
+            foreach_unscale(grads, &found, &inv_scale.f_to_device(*device)?)?;
+            flags.push(found);
         }
         let mut found_inf: Option<Tensor> = None;
-        for (_, found, _) in per_device {
+        for found in flags {
             let found = found.f_to_device(scale.device())?;
             found_inf = Some(match found_inf {
                 None => found,
@@ -285,4 +286,39 @@ impl GradScaler {
     pub fn device(&self) -> Option<Device> {
         self.scale.as_ref().map(Tensor::device)
     }
+}
+
+extern "C" {
+    fn medgen_amp_unscale(
+        grads: *mut *mut c_void,
+        n: c_int,
+        found_inf: *mut c_void,
+        inv_scale: *mut c_void,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
+}
+
+/// `torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)`: every tensor on one device.
+fn foreach_unscale(grads: &[Tensor], found_inf: &Tensor, inv_scale: &Tensor) -> Result<()> {
+    let mut ptrs: Vec<*mut c_void> = grads.iter().map(|t| t.as_ptr() as *mut c_void).collect();
+    let n = c_int::try_from(ptrs.len()).map_err(|_| anyhow!("{} gradients in one unscale", ptrs.len()))?;
+    let mut err = vec![0 as c_char; 1024];
+    // SAFETY: the handles are tch's live at::Tensor pointers, borrowed for the call; the shim copies the handles
+    // (not the data) into a TensorList and writes at most `err.len()` bytes, NUL-terminated, into `err`.
+    let rc = unsafe {
+        medgen_amp_unscale(
+            ptrs.as_mut_ptr(),
+            n,
+            found_inf.as_ptr() as *mut c_void,
+            inv_scale.as_ptr() as *mut c_void,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    if rc != 0 {
+        let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
+        bail!("unscaling the gradients: {msg}");
+    }
+    Ok(())
 }
