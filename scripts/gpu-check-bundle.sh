@@ -128,15 +128,15 @@ if [ "$bundle_bytes" -gt $((MAX_MIB * 1048576)) ] || [ $((bundle_bytes + tree_by
     exit 1
 fi
 
-# 7. Started here against that torch, CUDA absent: the CPU half of the forward, sampling and FID
-#    checks (the fp16/bf16 training rows are `make gpu-check`'s), from the bundle's own files.
+# 7. Started here against that torch, CUDA absent: the CPU half of the forward, sampling, FID, CUDA-path
+#    and 2-rank checks (the fp16/bf16 training rows are `make gpu-check`'s), from the bundle's own files.
 smoke=$out/smoke
 rm -rf "$smoke"
 mkdir -p "$smoke"
 gunzip -c "$bundle/medgen.gz" >"$smoke/medgen"
 chmod +x "$smoke/medgen"
-say "starting the bundled binary on torch $built_version (CPU): forward, sample and fid checks"
-LD_LIBRARY_PATH="$root/$torch_dir/torch/lib" "$smoke/medgen" gpu-check --device cpu --checks forward,sample,fid \
+say "starting the bundled binary on torch $built_version (CPU): forward, sample, fid, cuda-paths and two-ranks checks"
+LD_LIBRARY_PATH="$root/$torch_dir/torch/lib" "$smoke/medgen" gpu-check --device cpu --checks forward,sample,fid,cuda-paths,two-ranks \
     --fid-network "$bundle/fid" --work "$smoke/work" --output "$smoke/report.md" >"$smoke/log.txt" 2>&1 ||
     { tail -n 20 "$smoke/log.txt"; say "the bundled binary failed here: $smoke/report.md" >&2; exit 1; }
 grep -E '^- [0-9]+ checks' "$smoke/report.md"
