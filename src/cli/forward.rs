@@ -2,7 +2,7 @@ use super::{ModelArgs, ModelKind};
 use crate::checkpoint::StateDict;
 use crate::device;
 use crate::nets::{AutoencoderKL, Conditioning, ControlNet, DiffusionModelUNet};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use clap::ValueEnum;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -206,6 +206,20 @@ fn controlnet(
     Ok(())
 }
 
+/// The networks check the range of class labels only while the labels are on the CPU (reading device labels back
+/// would stop the device at every sampling step): checked here, before the inputs move, so that an out-of-range
+/// label never reaches a CUDA embedding lookup (a device-side assert that ends the process).
+fn check_class_labels(inputs: &StateDict, num_class_embeds: Option<i64>) -> Result<()> {
+    let (Some(l), Some(k)) = (inputs.get("class_labels"), num_class_embeds) else { return Ok(()) };
+    if l.numel() == 0 || l.is_floating_point() {
+        return Ok(()); // the network refuses these with its own message
+    }
+    let l = l.f_to_kind(Kind::Int64)?;
+    let (lo, hi) = (i64::try_from(l.f_min()?)?, i64::try_from(l.f_max()?)?);
+    ensure!(lo >= 0 && hi < k, "class_labels must be in [0, {k}), got values in [{lo}, {hi}]");
+    Ok(())
+}
+
 pub fn run(a: Args) -> Result<()> {
     let dev = device::parse(&a.device)?;
     let inputs = StateDict::load(&a.inputs, None)?;
@@ -222,10 +236,12 @@ pub fn run(a: Args) -> Result<()> {
         }
         ModelKind::Unet => {
             let l = a.m.load_unet(&a.weights, dev)?;
+            check_class_labels(&inputs, l.model.config().num_class_embeds).with_context(on_inputs)?;
             unet(&l.model, &inputs, dev, &mut out).with_context(on_inputs)?
         }
         ModelKind::Controlnet => {
             let l = a.m.load_controlnet(&a.weights, dev)?;
+            check_class_labels(&inputs, l.model.config().num_class_embeds).with_context(on_inputs)?;
             controlnet(&a, &l.model, &inputs, dev, &mut out).with_context(on_inputs)?
         }
     }
