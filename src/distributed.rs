@@ -306,7 +306,7 @@ impl Drop for ProcessGroup {
             return;
         }
         if let Err(e) = call("process group abort", |e, l| unsafe { medgen_dist_abort(self.raw, e, l) }) {
-            eprintln!("distributed: rank {}: {e:#}", self.rank);
+            say_line(&format!("distributed: rank {}: {e:#}", self.rank));
         }
     }
 }
@@ -333,7 +333,7 @@ impl Membership {
             anyhow::anyhow!("rank {rank} of {world}: the process group is still in use; cannot shut it down")
         })?;
         g.shutdown()?;
-        eprintln!("distributed: rank {rank} of {world} left");
+        say_line(&format!("distributed: rank {rank} of {world} left"));
         Ok(())
     }
 
@@ -366,7 +366,7 @@ pub fn init(group: ProcessGroup) -> Result<Membership> {
     let (rank, world) = (group.rank, group.world_size);
     let g = Arc::new(group);
     *global = Some(g.clone());
-    eprintln!("distributed: rank {rank} of {world} joined");
+    say_line(&format!("distributed: rank {rank} of {world} joined"));
     Ok(Membership(Some(g)))
 }
 
@@ -460,4 +460,11 @@ pub fn sum_across(values: &[f64]) -> Result<Vec<f64>> {
     let t = Tensor::f_from_slice(values)?.f_to_kind(Kind::Double)?.f_to_device(g.device)?;
     g.all_reduce_sum(std::slice::from_ref(&t))?;
     Ok(Vec::<f64>::try_from(&t.f_to_device(Device::Cpu)?)?)
+}
+
+/// One line on stderr in one write: the ranks of a job share their stderr, and `eprintln!` writes the pieces of its
+/// format one by one (stderr is unbuffered), so two ranks' lines would interleave mid-line.
+fn say_line(msg: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_all(format!("{msg}\n").as_bytes());
 }
