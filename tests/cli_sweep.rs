@@ -350,6 +350,9 @@ fn every_subcommand_refuses_bad_input_with_one_clear_line() {
     let train = |data: &Path, run: &str| {
         cat(&[&["train", "aekl", "--config", &aekl_c, "--data", s(data), "--run", run, "--max-steps", "4"]])
     };
+    let eval_reconstruction = |list: &str, o: &str| {
+        cat(&[&["eval", "reconstruction", "--device", "cpu", "--list", list, "--output", o], &stage1])
+    };
     let fwd = |model: &str, cfg: &str, w: &str, inputs: &Path, o: &str, extra: &[&str]| {
         cat(&[
             &["forward", "--model", model, "--config", cfg, "--weights", w, "--inputs", s(inputs), "--output", o],
@@ -766,46 +769,19 @@ fn every_subcommand_refuses_bad_input_with_one_clear_line() {
         // eval
         c2(
             "eval reconstruction: a size the autoencoder cannot reconstruct",
-            cat(&[
-                &[
-                    "eval",
-                    "reconstruction",
-                    "--device",
-                    "cpu",
-                    "--list",
-                    s(&odd_size.join("train.tsv")),
-                    "--output",
-                    &os("v9"),
-                ],
-                &stage1,
-            ]),
+            eval_reconstruction(s(&odd_size.join("train.tsv")), &os("v9")),
             &["odd_T1w.png", "32x31", "multiples of 2"],
             Out::Untouched(out("v9")),
         ),
         c2(
             "eval reconstruction: mixed sizes",
-            cat(&[
-                &[
-                    "eval",
-                    "reconstruction",
-                    "--device",
-                    "cpu",
-                    "--list",
-                    s(&mixed.join("train.tsv")),
-                    "--output",
-                    &os("v1"),
-                ],
-                &stage1,
-            ]),
+            eval_reconstruction(s(&mixed.join("train.tsv")), &os("v1")),
             &["small_T1w.png", "16x16", "32x32"],
             Out::Untouched(out("v1")),
         ),
         c2(
             "eval reconstruction: an empty list",
-            cat(&[
-                &["eval", "reconstruction", "--device", "cpu", "--list", s(&header_only), "--output", &os("v2")],
-                &stage1,
-            ]),
+            eval_reconstruction(s(&header_only), &os("v2")),
             &["header_only.tsv", "empty"],
             Out::Untouched(out("v2")),
         ),
