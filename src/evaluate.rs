@@ -2,6 +2,7 @@
 //! autoencoder's reconstruction MS-SSIM, FLAIR->T1w PSNR/MAE/MS-SSIM per image (and two
 //! baselines), sample diversity, and FID/KID. Images are read as the reference reads them
 //! (`u8 / 255`, no reorientation); the metrics themselves live in `crate::metrics`.
+use crate::amp::Precision;
 use crate::data::loader::{load_png, stack_images, PairRecord};
 use crate::metrics::regression::{mae, psnr, MeanStd};
 use crate::metrics::ssim::{ms_ssim, ms_ssim_diversity, SsimConfig};
@@ -68,6 +69,7 @@ pub fn reconstruction_ms_ssim(
     records: &[PairRecord],
     batch_size: usize,
     device: Device,
+    precision: Precision,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<PerImage>> {
     let cfg = SsimConfig::reference();
@@ -76,7 +78,11 @@ pub fn reconstruction_ms_ssim(
         let paths: Vec<PathBuf> = chunk.iter().map(|r| r.t1w.clone()).collect();
         let x = load_batch(&paths)?.to_device(device);
         ae.check_reconstructable(&x, &paths[0].display().to_string())?;
-        let recon = tch::no_grad(|| ae.reconstruct(&x))?;
+        let recon = {
+            let _autocast = precision.autocast(device);
+            tch::no_grad(|| ae.reconstruct(&x))?
+        };
+        let recon = if recon.kind() == Kind::Float { recon } else { recon.f_to_kind(Kind::Float)? };
         let col = |t: Tensor| Vec::<f64>::try_from(t.to_kind(Kind::Double).flatten(0, -1));
         let s = col(ms_ssim(&x, &recon, &cfg)?)?;
         // Not in the reference: PSNR and MAE of the (clipped, as saved) reconstruction, the bound

@@ -2,6 +2,7 @@
 //! §4): the trained stages loaded from their configs and weights, one seed per image so any image
 //! can be regenerated alone, batches of images sampled together, and PNGs quantised as the
 //! reference saves them (clip to [0, 1], ×255, truncate).
+use crate::amp::Precision;
 use crate::checkpoint::{load_model, Loaded, StateDict};
 use crate::config::{self, read_json};
 use crate::nets::{AutoencoderKL, ControlNet, DiffusionModelUNet};
@@ -63,6 +64,58 @@ impl SamplingSection {
             }
             _ => bail!("{}: `sampling` needs both scheduler_kind and scheduler, or neither", config.display()),
         }
+    }
+}
+
+/// How a sampling run chooses its sampler: the config's `sampling` section, with command-line
+/// overrides, or the reference scripts' own settings.
+#[derive(Debug, Clone, Default)]
+pub struct SamplerChoice {
+    /// Another sampler than the config's, on the same training schedule and prediction type.
+    pub kind: Option<SchedulerKind>,
+    pub steps: Option<usize>,
+    /// The reference's settings, whatever the config says: 200 DDIM steps, `clip_sample` off,
+    /// `leading` spacing (`SamplingSection::scheduler` without a section).
+    pub reference: bool,
+}
+
+/// The reference scripts' number of DDIM steps.
+pub const REFERENCE_STEPS: usize = 200;
+
+impl SamplingSection {
+    /// The sampler, its parameters and the number of steps `choice` asks for.
+    pub fn resolve(&self, config: &Path, choice: &SamplerChoice) -> Result<(SchedulerKind, SchedulerConfig, usize)> {
+        if choice.reference {
+            ensure!(
+                choice.kind.is_none() && choice.steps.is_none(),
+                "the reference sampling settings fix the sampler and the steps: drop --scheduler and --steps"
+            );
+            let (kind, cfg) = SamplingSection::default().scheduler(config)?;
+            return Ok((kind, cfg, REFERENCE_STEPS));
+        }
+        let (kind, cfg) = self.scheduler(config)?;
+        let steps = choice.steps.or(self.num_inference_steps).unwrap_or(REFERENCE_STEPS);
+        ensure!(steps > 0, "the number of sampling steps must be positive");
+        match choice.kind {
+            Some(k) if k != kind => Ok((k, schedule_only(&cfg), steps)),
+            _ => Ok((kind, cfg, steps)),
+        }
+    }
+}
+
+/// The training schedule and prediction type of `cfg`, every sampler-specific field left to the
+/// new sampler's defaults: what another sampler of the same model starts from.
+pub fn schedule_only(cfg: &SchedulerConfig) -> SchedulerConfig {
+    SchedulerConfig {
+        schedule: cfg.schedule,
+        num_train_timesteps: cfg.num_train_timesteps,
+        beta_start: cfg.beta_start,
+        beta_end: cfg.beta_end,
+        sig_range: cfg.sig_range,
+        s: cfg.s,
+        cosine_version: cfg.cosine_version,
+        prediction_type: cfg.prediction_type,
+        ..SchedulerConfig::default()
     }
 }
 
@@ -198,6 +251,11 @@ pub struct Sampler<'a> {
     pub scheduler: SchedulerConfig,
     pub steps: usize,
     pub conditioning_scale: f64,
+    pub precision: Precision,
+    /// Sample a lone image as a pair with itself (twice the work), so that it reproduces its copy
+    /// from a batch run bit for bit: libtorch's CPU kernels take another path for a batch of one
+    /// (about 1e-6 apart), which many steps can turn into a different PNG level.
+    pub match_batch: bool,
     pub device: Device,
 }
 
@@ -212,13 +270,11 @@ impl Sampler<'_> {
         control: Option<&Tensor>,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
-        // libtorch's CPU kernels take another path for a batch of one (about 1e-6 apart), which 200
-        // steps can turn into a different PNG level: a lone image is sampled as a pair with itself,
-        // so regenerating one image alone reproduces its copy from a batch run.
-        if seeds.len() == 1 {
+        if seeds.len() == 1 && self.match_batch {
             let pair = [seeds[0], seeds[0]];
             let control = control.map(|c| Tensor::cat(&[c, c], 0));
-            return Ok(self.sample(&pair, latent_shape, control.as_ref(), on_step)?.narrow(0, 0, 1));
+            let inner = Sampler { match_batch: false, scheduler: self.scheduler.clone(), ..*self };
+            return Ok(inner.sample(&pair, latent_shape, control.as_ref(), on_step)?.narrow(0, 0, 1));
         }
         let [c, h, w] = latent_shape;
         let noise: Vec<Tensor> = seeds.iter().map(|&s| initial_noise(&[1, c, h, w], s, self.device)).collect();
@@ -235,8 +291,9 @@ impl Sampler<'_> {
             (None, Some(_)) => bail!("control images given but no ControlNet loaded"),
         };
         let text = self.text.conditioning();
-        let latent = sample_latent(&self.models.unet.model, ctrl.as_ref(), scheduler.as_mut(), &noise, &text, on_step)?;
-        decode_latent(&self.models.autoencoder.model, &latent, self.models.scale_factor)
+        let unet = &self.models.unet.model;
+        let latent = sample_latent(unet, ctrl.as_ref(), scheduler.as_mut(), &noise, &text, self.precision, on_step)?;
+        decode_latent(&self.models.autoencoder.model, &latent, self.models.scale_factor, self.precision)
     }
 }
 

@@ -235,8 +235,17 @@ pub fn run(a: Args) -> Result<()> {
                 };
                 let control = Control { controlnet: &net, cond: &flair, conditioning_scale: 1.0 };
                 if sample {
-                    let latent = sample_latent(&unet, Some(&control), s.as_mut(), &noise, &text, &mut |_, _| {})?;
-                    let _ = decode_latent(ae.as_ref().expect("checked"), &latent, 0.3)?.clamp(0.0, 1.0);
+                    let latent = sample_latent(
+                        &unet,
+                        Some(&control),
+                        s.as_mut(),
+                        &noise,
+                        &text,
+                        Precision::Fp32,
+                        &mut |_, _| {},
+                    )?;
+                    let _ =
+                        decode_latent(ae.as_ref().expect("checked"), &latent, 0.3, Precision::Fp32)?.clamp(0.0, 1.0);
                 } else {
                     // One step of the sampler: a one-timestep schedule would change DDIM's stride, so
                     // the first of the 200 steps is run by hand with the sampler's own pieces.

@@ -1,5 +1,6 @@
 //! `medgen eval`: the reference's metrics, each written as JSON (and per-image TSV) into one
 //! folder, and `medgen eval report`, the markdown table next to the article's figures.
+use crate::amp::Precision;
 use crate::checkpoint::{load_model, StateDict};
 use crate::config;
 use crate::data::loader::read_list;
@@ -57,6 +58,9 @@ struct ReconArgs {
     list: PathBuf,
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
+    /// The autoencoder's precision: fp32 (default, the reference's), bf16 or fp16 (autocast).
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    precision: Precision,
 }
 
 #[derive(clap::Args, Debug)]
@@ -113,6 +117,10 @@ struct FidArgs {
     radimagenet_weights: Option<PathBuf>,
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
+    /// The feature network's precision: fp32 (default, the reference's), bf16 or fp16 (autocast). FID moves with it:
+    /// compare only scores computed at one precision.
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    precision: Precision,
 }
 
 #[derive(clap::Args, Debug)]
@@ -170,14 +178,14 @@ fn reconstruction(a: ReconArgs) -> Result<()> {
     let records = read_list(&a.list)?;
     ensure!(!records.is_empty(), "{}: empty list", a.list.display());
     let pb = super::progress_bar(records.len() as u64, "reconstruction MS-SSIM", "images");
-    let rows = evaluate::reconstruction_ms_ssim(&ae.model, &records, a.batch_size, dev, &mut |i, _| {
+    let rows = evaluate::reconstruction_ms_ssim(&ae.model, &records, a.batch_size, dev, a.precision, &mut |i, _| {
         pb.set_position(i as u64)
     })?;
     pb.finish();
     std::fs::create_dir_all(&a.out.output)?;
     evaluate::write_tsv(&a.out.output.join("ms_ssim_reconstruction.tsv"), &RECONSTRUCTION_METRICS, &rows)?;
     let stats = mean_std_json(&rows, &RECONSTRUCTION_METRICS)?;
-    let v = json!({"metric": "reconstruction_ms_ssim", "list": a.list, "weights": a.stage1_weights,
+    let v = json!({"metric": "reconstruction_ms_ssim", "list": a.list, "weights": a.stage1_weights, "precision": a.precision,
                    "ms_ssim": stats["ms_ssim"], "psnr": stats["psnr"], "mae": stats["mae"]});
     write_json(&a.out.output, "reconstruction.json", &v)
 }
@@ -235,7 +243,12 @@ fn fid(a: FidArgs) -> Result<()> {
     let mut feats = |files: &[PathBuf]| -> Result<tch::Tensor> {
         let mut out = Vec::new();
         for chunk in files.chunks(a.batch_size.max(1)) {
-            out.push(net.features(&evaluate::load_batch(chunk)?.to_device(dev))?);
+            let images = evaluate::load_batch(chunk)?.to_device(dev);
+            let f = {
+                let _autocast = a.precision.autocast(dev);
+                net.features(&images)?
+            };
+            out.push(f.f_to_kind(tch::Kind::Float)?);
             done += chunk.len();
             pb.set_position(done as u64);
         }
@@ -246,7 +259,7 @@ fn fid(a: FidArgs) -> Result<()> {
     pb.finish();
     let scores = evaluate::fid_kid(&fs, &fr)?;
     let v = json!({"metric": "fid", "network": a.network, "samples": a.samples, "real": a.real,
-                   "n_samples": samples.len(), "n_real": real.len(), "fid": scores.fid,
+                   "n_samples": samples.len(), "n_real": real.len(), "precision": a.precision, "fid": scores.fid,
                    "kid_mean": scores.kid_mean, "kid_std": scores.kid_std});
     write_json(&a.out.output, &format!("fid_{}.json", a.network), &v)
 }

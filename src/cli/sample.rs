@@ -1,8 +1,10 @@
 //! `medgen sample t1w` and `medgen sample flair-to-t1w`: the reference sampling scripts
 //! (`sample_t1w.py`, `sample_flair_to_t1w.py`) with a seed per image and batches.
+use crate::amp::Precision;
 use crate::data::loader::{load_png, read_list, stack_images, PairRecord};
 use crate::device;
-use crate::generate::{save_png, ModelPaths, Models, Sampler, SamplingSection, Text};
+use crate::generate::{save_png, ModelPaths, Models, Sampler, SamplerChoice, SamplingSection, Text};
+use crate::schedulers::{SchedulerConfig, SchedulerKind};
 use crate::text::context::PromptContexts;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Value};
@@ -42,9 +44,25 @@ struct Common {
     /// Output directory (created).
     #[arg(long)]
     output: PathBuf,
-    /// DDIM steps (default: the config's `sampling.num_inference_steps`, else 200 as the reference).
+    /// Sampling steps (default: the config's `sampling.num_inference_steps`, else 200 as the reference).
     #[arg(long)]
     steps: Option<usize>,
+    /// The sampler (default: the config's `sampling.scheduler_kind`): ddim, ddpm, pndm, dpm-solver++ or unipc,
+    /// on the config's training schedule and prediction type.
+    #[arg(long)]
+    scheduler: Option<SchedulerKind>,
+    /// The reference scripts' sampling: 200 DDIM steps (clip_sample off, leading spacing), whatever the config's
+    /// `sampling` section says. With --precision fp32 (the default) this is the parity setting.
+    #[arg(long, conflicts_with_all = ["steps", "scheduler"])]
+    reference_sampling: bool,
+    /// The networks' precision: fp32 (default, the parity setting), bf16 (autocast; CPUs with AVX512-BF16/AMX and
+    /// recent GPUs) or fp16 (autocast; GPUs). The initial noise, the guidance and the sampler stay in float32.
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    precision: Precision,
+    /// Sample a lone image as a pair with itself (twice the work) so that it equals, bit for bit, its copy from a
+    /// batch run on the CPU. Without it a lone image runs at batch 1 and may differ from its batch copy by a PNG level.
+    #[arg(long)]
+    match_batch: bool,
     /// Classifier-free guidance scale for a text-conditioned UNet (default: the config's, as the
     /// reference: 0 for T1w, 7 for FLAIR->T1w).
     #[arg(long)]
@@ -130,6 +148,8 @@ struct Setup {
     section: SamplingSection,
     /// The config the `sampling` section was read from.
     section_path: PathBuf,
+    scheduler_kind: SchedulerKind,
+    scheduler: SchedulerConfig,
     sampler_steps: usize,
     device: tch::Device,
 }
@@ -148,10 +168,10 @@ fn setup(c: &Common, controlnet: Option<(PathBuf, PathBuf)>, default_guidance: f
     let models = Models::load(&paths, device)?;
     let contexts = c.context.as_ref().map(|p| PromptContexts::load(p, device)).transpose()?;
     let text = Text::new(&models.unet.model, contexts, c.guidance, section.guidance_scale.unwrap_or(default_guidance))?;
-    let sampler_steps = c.steps.or(section.num_inference_steps).unwrap_or(200);
-    ensure!(sampler_steps > 0, "--steps must be positive");
+    let choice = SamplerChoice { kind: c.scheduler, steps: c.steps, reference: c.reference_sampling };
+    let (scheduler_kind, scheduler, sampler_steps) = section.resolve(&section_path, &choice)?;
     ensure!(c.batch_size > 0, "--batch-size must be positive");
-    Ok(Setup { models, text, section, section_path, sampler_steps, device })
+    Ok(Setup { models, text, section, section_path, scheduler_kind, scheduler, sampler_steps, device })
 }
 
 /// The settings that decide the pixels, kept in `manifest.json` so `--skip-existing` never mixes
@@ -164,6 +184,7 @@ fn settings(c: &Common, s: &Setup, extra: Value) -> Value {
     let mut v = json!({
         "stage1_weights": c.stage1_weights, "ldm_weights": c.ldm_weights, "context": c.context,
         "steps": s.sampler_steps, "guidance": guidance, "scale_factor": s.models.scale_factor,
+        "scheduler_kind": s.scheduler_kind, "scheduler": s.scheduler, "precision": c.precision,
     });
     if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
         o.extend(e.clone());
@@ -209,14 +230,15 @@ fn run_jobs(
     what: &str,
     write: WriteImage,
 ) -> Result<()> {
-    let (kind, sched) = s.section.scheduler(&s.section_path)?;
     let sampler = Sampler {
         models: &s.models,
         text: &s.text,
-        scheduler_kind: kind,
-        scheduler: sched,
+        scheduler_kind: s.scheduler_kind,
+        scheduler: s.scheduler.clone(),
         steps: s.sampler_steps,
         conditioning_scale,
+        precision: c.precision,
+        match_batch: c.match_batch,
         device: s.device,
     };
     let todo: Vec<&Job> = jobs.iter().filter(|j| !(c.skip_existing && c.output.join(&j.name).exists())).collect();

@@ -296,6 +296,35 @@ impl ControlNet {
         conditioning_scale: f64,
         cond: &Conditioning,
     ) -> Result<ControlNetOutput> {
+        // x, timesteps and the context are checked first, as before the split.
+        self.encoder.prepare_inputs("ControlNet", x, timesteps, cond)?;
+        self.check_cond(x, controlnet_cond)?;
+        let embedded = self.embed_condition(controlnet_cond)?;
+        self.forward_embedded(x, timesteps, &embedded, conditioning_scale, cond)
+    }
+
+    /// The control image through `controlnet_cond_embedding`: `(batch, first UNet width, h, w)`
+    /// at the latent's size. It depends on neither the timestep nor the text, so a sampling
+    /// loop computes it once and passes it to `forward_embedded` at every step.
+    pub fn embed_condition(&self, controlnet_cond: &Tensor) -> Result<Tensor> {
+        let cs = controlnet_cond.size();
+        let cin = self.config.conditioning_embedding_in_channels;
+        ensure!(
+            cs.len() == 4 && cs[1] == cin,
+            "ControlNet: controlnet_cond must be (batch, {cin} channels, H, W), got shape {cs:?}"
+        );
+        Ok(self.controlnet_cond_embedding.forward(controlnet_cond))
+    }
+
+    /// `forward` with the control image already through `embed_condition`.
+    pub fn forward_embedded(
+        &self,
+        x: &Tensor,
+        timesteps: &Tensor,
+        embedded_cond: &Tensor,
+        conditioning_scale: f64,
+        cond: &Conditioning,
+    ) -> Result<ControlNetOutput> {
         let enc = &self.encoder;
         ensure!(
             cond.down_block_additional_residuals.is_none() && cond.mid_block_additional_residual.is_none(),
@@ -303,7 +332,29 @@ impl ControlNet {
         );
         let context = enc.prepare_inputs("ControlNet", x, timesteps, cond)?;
         let context = context.as_ref();
+        let (xs, es) = (x.size(), embedded_cond.size());
+        let width = self.config.channels[0];
+        ensure!(
+            es.len() == 4 && es[0] == xs[0] && es[1] == width && es[2..] == xs[2..],
+            "ControlNet: the embedded control image must be (batch {}, {width}, {:?}) as x, got shape {es:?}",
+            xs[0],
+            &xs[2..]
+        );
+        let emb = enc.embedding(x, timesteps, cond.class_labels)?;
+        let h = enc.conv_in(x) + embedded_cond;
+        let (h, skips) = enc.down(h, &emb, context, false);
+        let h = enc.middle_block.forward_t(&h, &emb, context, false);
+        let down_block_res_samples =
+            skips.iter().zip(&self.controlnet_down_blocks).map(|(s, z)| z.forward(s) * conditioning_scale).collect();
+        let mid_block_res_sample = h.apply(&self.controlnet_mid_block) * conditioning_scale;
+        Ok(ControlNetOutput { down_block_res_samples, mid_block_res_sample })
+    }
+
+    /// `controlnet_cond` against `x`: same batch, the embedding's input channels, and H, W that
+    /// the embedding's stride-2 convs reduce to x's.
+    pub fn check_cond(&self, x: &Tensor, controlnet_cond: &Tensor) -> Result<()> {
         let (xs, cs) = (x.size(), controlnet_cond.size());
+        ensure!(xs.len() == 4, "ControlNet: x must be (batch, channels, h, w), got shape {xs:?}");
         let f = self.conditioning_downsampling();
         let strides = self.config.conditioning_embedding_num_channels.len() - 1;
         // Each 3x3 stride-2 conv with padding 1 maps n to ceil(n / 2).
@@ -322,14 +373,7 @@ impl ControlNet {
             xs[2] * f,
             xs[3] * f
         );
-        let emb = enc.embedding(x, timesteps, cond.class_labels)?;
-        let h = enc.conv_in(x) + self.controlnet_cond_embedding.forward(controlnet_cond);
-        let (h, skips) = enc.down(h, &emb, context, false);
-        let h = enc.middle_block.forward_t(&h, &emb, context, false);
-        let down_block_res_samples =
-            skips.iter().zip(&self.controlnet_down_blocks).map(|(s, z)| z.forward(s) * conditioning_scale).collect();
-        let mid_block_res_sample = h.apply(&self.controlnet_mid_block) * conditioning_scale;
-        Ok(ControlNetOutput { down_block_res_samples, mid_block_res_sample })
+        Ok(())
     }
 
     /// Initialises the ControlNet in `vs` from a trained UNet's state dict, as the reference

@@ -781,8 +781,9 @@ fn train_diffusion(inputs: &TrainInputs, controlnet_stage: bool) -> Result<()> {
                 (Some((_, net)), Some(fl)) => Some(Control { controlnet: net, cond: fl, conditioning_scale: 1.0 }),
                 _ => None,
             };
-            let latent = sample_latent(&unet, control.as_ref(), sched.as_mut(), &noise, &text, &mut |_, _| {})?;
-            let images = decode_latent(&ae.model, &latent, scale_factor)?;
+            let latent =
+                sample_latent(&unet, control.as_ref(), sched.as_mut(), &noise, &text, Precision::Fp32, &mut |_, _| {})?;
+            let images = decode_latent(&ae.model, &latent, scale_factor, Precision::Fp32)?;
             let mut rows = vec![images.to_device(Device::Cpu)];
             if let Some(fl) = flair_k {
                 rows.insert(0, fl.to_device(Device::Cpu));
