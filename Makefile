@@ -23,7 +23,7 @@ CONFIGS ?= configs/demo
 RUNS ?= runs
 MEDGEN := ./target/release/medgen
 
-.PHONY: setup build fixtures test demo data train sample evaluate bench clean-fixtures
+.PHONY: setup build fixtures test demo data train sample evaluate bench quality clean-fixtures
 
 setup: $(STAMP)
 
@@ -142,6 +142,15 @@ BENCH_RAW := target/bench/raw
 bench: build
 	$(MEDGEN) synth --nilearn-wheel $(NILEARN_WHEEL) --output $(BENCH_RAW) --subjects 10 --seed 0 --resume
 	$(VPY) bench/run.py --medgen $(MEDGEN) --python $(VPY) --raw $(BENCH_RAW) --out bench $(BENCH_ARGS)
+	@if [ -f $(QUALITY_RUNS)/controlnet/final_model.safetensors ]; then $(MAKE) --no-print-directory quality; \
+	else echo "bench: no trained models in $(QUALITY_RUNS) (make train RUNS=$(QUALITY_RUNS)): quality table not made"; fi
+
+# Quality against cost of the samplers on trained models (FLAIR->T1w PSNR/MAE/MS-SSIM, FID/KID, LDM FID/KID, seconds
+# per image): bench/quality.md and docs/quality_vs_cost.png. Resumable: each setting's results are kept.
+QUALITY_RUNS ?= runs/demo
+quality: build
+	$(VPY) bench/quality.py --medgen $(MEDGEN) --runs $(QUALITY_RUNS) --configs $(CONFIGS) --list $(TEST_LIST) \
+		--fid-wheel $(FID_WHEEL) --out $(QUALITY_RUNS)/quality --results bench $(QUALITY_ARGS)
 
 clean-fixtures:
 	rm -rf $(FIXTURES)

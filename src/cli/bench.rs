@@ -8,7 +8,8 @@ use crate::metrics::ssim::{ms_ssim_diversity, SsimConfig};
 use crate::nets::patch_discriminator::{PatchDiscriminator, PatchDiscriminatorConfig};
 use crate::nets::{AutoencoderKL, Conditioning, ControlNet, DiffusionModelUNet};
 use crate::sampling::{decode_latent, sample_latent, Control, TextConditioning};
-use crate::schedulers::{self, NoiseSchedule, SchedulerConfig, SchedulerKind};
+use crate::generate::schedule_only;
+use crate::schedulers::{self, NoiseSchedule, SchedulerConfig, SchedulerKind, TimestepSpacing};
 use crate::train::aekl::{aekl_step, AeklLossWeights, AeklModels, AeklOptimizers};
 use crate::train::diffusion::{diffusion_loss, diffusion_step, ControlInput};
 use crate::train::grad_scaler::GradScaler;
@@ -65,6 +66,13 @@ pub struct Args {
     /// einsum attention), so a like-for-like timing needs the same one on both sides.
     #[arg(long, value_enum, default_value_t = Naming::Generative)]
     naming: Naming,
+    /// denoise-step, sample: the networks' precision (autocast; the sampler stays fp32).
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    precision: Precision,
+    /// sample: the sampler, on the LDM config's training schedule (`leading` spacing and no clipping for DDIM,
+    /// as the reference; the multistep samplers' own defaults otherwise).
+    #[arg(long, default_value = "ddim")]
+    scheduler: SchedulerKind,
     #[arg(long, default_value_t = 160)]
     height: i64,
     #[arg(long, default_value_t = 224)]
@@ -218,8 +226,18 @@ pub fn run(a: Args) -> Result<()> {
             let ctx = ucfg.cross_attention_dim.map(|d| {
                 (Tensor::randn([1, 77, d], (Kind::Float, dev)), Tensor::randn([1, 77, d], (Kind::Float, dev)))
             });
-            let sched_cfg =
-                SchedulerConfig { clip_sample: Some(false), ..config::scheduler_config(lp, SchedulerKind::Ddim)? };
+            let train_cfg = config::scheduler_config(lp, SchedulerKind::Ddpm)?;
+            let kind = a.scheduler;
+            let sched_cfg = match kind {
+                SchedulerKind::Ddim => SchedulerConfig {
+                    clip_sample: Some(false),
+                    timestep_spacing: Some(TimestepSpacing::Leading),
+                    variance_type: None,
+                    ..train_cfg
+                },
+                _ => schedule_only(&train_cfg),
+            };
+            let precision = a.precision;
             let steps = if a.case == Case::Sample { a.steps } else { 1 };
             let sample = a.case == Case::Sample;
             if sample {
@@ -227,7 +245,7 @@ pub fn run(a: Args) -> Result<()> {
             }
             _guard_holder = (vs, VarStore::new(dev));
             let rep = move || -> Result<()> {
-                let mut s = schedulers::build(SchedulerKind::Ddim, &sched_cfg)?;
+                let mut s = schedulers::build(if sample { kind } else { SchedulerKind::Ddim }, &sched_cfg)?;
                 s.set_timesteps(if sample { steps } else { 200 })?;
                 let text = match &ctx {
                     Some((u, c)) => TextConditioning::Guided { uncond: u, cond: c, guidance_scale: 7.0 },
@@ -245,7 +263,7 @@ pub fn run(a: Args) -> Result<()> {
                         &mut |_, _| {},
                     )?;
                     let _ =
-                        decode_latent(ae.as_ref().expect("checked"), &latent, 0.3, Precision::Fp32)?.clamp(0.0, 1.0);
+                        decode_latent(ae.as_ref().expect("checked"), &latent, 0.3, precision)?.clamp(0.0, 1.0);
                 } else {
                     // One step of the sampler: a one-timestep schedule would change DDIM's stride, so
                     // the first of the 200 steps is run by hand with the sampler's own pieces.
@@ -261,8 +279,12 @@ pub fn run(a: Args) -> Result<()> {
                     let cond = if ctx.is_some() { Tensor::cat(&[&flair, &flair], 0) } else { flair.shallow_clone() };
                     let ts = Tensor::from_slice(&[t]);
                     let c = Conditioning { context: context.as_ref(), ..Default::default() };
-                    let res = net.forward(&x, &ts, &cond, 1.0, &c)?;
-                    let out = unet.forward(&x, &ts, &res.conditioning(context.as_ref(), None))?;
+                    let out = {
+                        let _autocast = precision.autocast(dev);
+                        let res = net.forward(&x, &ts, &cond, 1.0, &c)?;
+                        unet.forward(&x, &ts, &res.conditioning(context.as_ref(), None))?
+                    };
+                    let out = out.f_to_kind(Kind::Float)?;
                     let out = if ctx.is_some() {
                         let hv = out.chunk(2, 0);
                         &hv[0] + (&hv[1] - &hv[0]) * 7.0
@@ -335,7 +357,7 @@ pub fn run(a: Args) -> Result<()> {
         "peak_rss_mb": peak_rss_mb(), "import_rss_mb": start_rss,
         "params": {"config": a.config, "ldm_config": a.ldm_config, "controlnet_config": a.controlnet_config,
                    "stage1_config": a.stage1_config, "naming": format!("{:?}", a.naming).to_lowercase(), "batch": b, "steps": a.steps, "n": a.n, "threads": a.threads,
-                   "height": h, "width": w},
+                   "height": h, "width": w, "precision": a.precision, "scheduler": a.scheduler},
     });
     println!("{out}");
     Ok(())

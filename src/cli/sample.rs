@@ -246,6 +246,7 @@ fn run_jobs(
         eprintln!("{} of {} images already in {}", jobs.len() - todo.len(), jobs.len(), c.output.display());
     }
     let pb = super::progress_bar(todo.len() as u64, what, "images");
+    let start = std::time::Instant::now();
     for chunk in todo.chunks(c.batch_size) {
         let seeds: Vec<i64> = chunk.iter().map(|j| j.seed).collect();
         let flair_paths: Option<Vec<&Path>> = chunk.iter().map(|j| j.flair.as_deref()).collect();
@@ -267,6 +268,11 @@ fn run_jobs(
         pb.inc(chunk.len() as u64);
     }
     pb.finish_with_message("done");
+    if !todo.is_empty() {
+        // Sampling and decoding only (not loading), what `make bench` and bench/quality.py read.
+        let secs = start.elapsed().as_secs_f64();
+        eprintln!("sampled {} images in {secs:.2} s: {:.4} s per image", todo.len(), secs / todo.len() as f64);
+    }
     Ok(())
 }
 
