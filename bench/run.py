@@ -83,6 +83,23 @@ def build_rows(quick, raw, main_rounds, scale_rounds):
                     "demo configs, 200 DDIM steps, batch 1"))
     main.append(row("sample-demo-s200-b8", "sample", {**sample, "steps": 200, "batch": 8}, 1, 0, "sample",
                     "demo configs, 200 DDIM steps, batch 8"))
+    # the user's view (issue 16): one FLAIR->T1w image (and a batch of 2) at the reference configs, the Python
+    # reference loop (200 DDIM steps, fp32) against medgen at the same settings and at its default fast path
+    # (the reference ControlNet config's `sampling` section); and the networks in bf16 against fp32.
+    ref_sample = {"ldm-config": REF["ldm"], "controlnet-config": REF["controlnet"], "stage1-config": REF["aekl"]}
+    for b in (1, 2):
+        main.append(row(f"user-ref-s200-b{b}", "sample", {**ref_sample, "steps": 200, "batch": b}, 1, 0, "sample",
+                        f"reference configs, 200 DDIM steps, fp32, batch {b} (guidance 7)"))
+    fast = fast_path()
+    r = row("user-fast-b1", "sample", {**ref_sample, **fast["opts"], "batch": 1}, 1, 1, "sample",
+            f"reference configs, medgen's default ({fast['label']}), batch 1")
+    r["impls"], r["versus"] = ["medgen"], "user-ref-s200-b1"
+    main.append(r)
+    r = row("denoise-ref-b1-bf16", "denoise-step", {"ldm-config": REF["ldm"], "controlnet-config": REF["controlnet"],
+                                                   "batch": 1, "precision": "bf16"}, 4, 1, "denoise-step",
+            "reference configs, batch 1, bf16 autocast")
+    r["impls"], r["versus"] = ["medgen"], "denoise-ref-b1"
+    main.append(r)
     if raw:
         main.append(row("preprocess-n10", "preprocess", {"input": raw, "n": 10}, 3, 1, "preprocess",
                         f"first 10 T1w/FLAIR pairs of {raw}"))
@@ -111,6 +128,15 @@ def build_rows(quick, raw, main_rounds, scale_rounds):
         for r in main:
             r["reps"], r["warmup"] = 1, min(r["warmup"], 1)
     return main, scale
+
+
+def fast_path():
+    """medgen's default sampling at the reference configs: the reference ControlNet config's `sampling` section."""
+    sec = json.loads((ROOT / REF["controlnet"]).read_text()).get("sampling", {})
+    kind, steps = sec.get("scheduler_kind", "ddim"), sec.get("num_inference_steps", 200)
+    precision = sec.get("precision", "fp32")
+    return {"opts": {"scheduler": kind, "steps": steps, "precision": precision},
+            "label": f"{kind} {steps} steps, {precision}"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -379,10 +405,11 @@ def write_report(out_dir, meta, main, scale, results):
         if s is None:
             md.append(f"| {r['label']} | {r['work']} | – | not run | not run | – | – | – |")
             continue
+        py = fmt_pair(s["python"]) if "python" in r.get("impls", IMPLS) else "– (medgen only)"
         md.append(f"| {r['label']} | {r['work']} | {work_per_rep(s)} | {fmt_pair(s['medgen'])} | "
-                  f"{fmt_pair(s['python'])} | {fmt_ratio(s.get('ratio'))} | {fmt_rounds(s)} | "
+                  f"{py} | {fmt_ratio(s.get('ratio'))} | {fmt_rounds(s)} | "
                   f"{fmt_rss(s['medgen'])} / {fmt_rss(s['python'])} |")
-        for impl in IMPLS:
+        for impl in r.get("impls", IMPLS):
             if "error" in s[impl]:
                 failures.append((r["id"], impl, s[impl]["error"]))
     md.append("")
@@ -398,6 +425,35 @@ def write_report(out_dir, meta, main, scale, results):
     else:
         md.append("No measurement was disturbed: no other process took more than 10% of the machine's CPU time "
                   "while one ran (`others_cpu_frac` in results.json).\n")
+
+    user = [r for r in main if r.get("versus")]
+    if user:
+        md.append("## The user's view: one FLAIR->T1w image at the reference configs\n")
+        md.append("medgen-only rows against another row's median per image (the Python reference loop for the "
+                  "sampler, medgen fp32 for bf16). Targets (issue 16): reference settings >= 1.15x, default fast path "
+                  ">= 10x, bf16 >= 1.5x.\n")
+        md.append("| comparison | this row (median per unit) | against (median per unit) | ratio |")
+        md.append("|---|---|---|---|")
+        for r in [x for x in main if x["id"].startswith("user-ref")]:
+            s = results.get(r["id"])
+            if s and s.get("ratio"):
+                md.append(f"| medgen at the reference's settings vs the Python reference ({r['work']}) | "
+                          f"{fmt_t(s['medgen']['median_per_unit_s'])} | {fmt_t(s['python']['median_per_unit_s'])} | "
+                          f"{fmt_ratio(s['ratio'])} |")
+        for r in user:
+            s, v = results.get(r["id"]), results.get(r["versus"])
+            if not s or not v or "median_per_unit_s" not in s["medgen"]:
+                md.append(f"| {r['work']} | not run | – | – |")
+                continue
+            against = v["python"] if r["case"] == "sample" else v["medgen"]
+            who = "Python reference, 200 DDIM steps fp32" if r["case"] == "sample" else "medgen fp32"
+            if "median_per_unit_s" not in against:
+                md.append(f"| {r['work']} | {fmt_t(s['medgen']['median_per_unit_s'])} | {who}: not run | – |")
+                continue
+            ratio = against["median_per_unit_s"] / s["medgen"]["median_per_unit_s"]
+            md.append(f"| {r['work']} vs {who} | {fmt_t(s['medgen']['median_per_unit_s'])} | "
+                      f"{fmt_t(against['median_per_unit_s'])} | {fmt_ratio(ratio)} |")
+        md.append("")
 
     if scale:
         md.append("## Scale curves (demo configs)\n")
@@ -515,12 +571,12 @@ def main():
     # round of a row, not all of them; within a round the two implementations run back to back.
     by_row = {r["id"]: [] for r in todo}
     max_rounds = max((r["rounds"] for r in todo), default=0)
-    n_proc, done = sum(r["rounds"] for r in todo) * len(impls), 0
+    n_proc, done = sum(r["rounds"] * len([i for i in impls if i in r.get("impls", IMPLS)]) for r in todo), 0
     for rnd in range(max_rounds):
         for r in todo:
             if rnd >= r["rounds"]:
                 continue
-            order = impls if rnd % 2 == 0 else impls[::-1]
+            order = [i for i in (impls if rnd % 2 == 0 else impls[::-1]) if i in r.get("impls", IMPLS)]
             for impl in order:
                 done += 1
                 if impl == "medgen" and meta.get("medgen_unavailable"):

@@ -33,6 +33,9 @@ pub struct SamplingSection {
     pub latent_shape: Option<Vec<i64>>,
     #[serde(default)]
     pub controlnet_scale: Option<f64>,
+    /// The networks' precision when the command line gives none (default fp32).
+    #[serde(default)]
+    pub precision: Option<Precision>,
     #[serde(default, rename = "_comment")]
     pub comment: Option<String>,
 }

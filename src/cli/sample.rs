@@ -55,10 +55,11 @@ struct Common {
     /// `sampling` section says. With --precision fp32 (the default) this is the parity setting.
     #[arg(long, conflicts_with_all = ["steps", "scheduler"])]
     reference_sampling: bool,
-    /// The networks' precision: fp32 (default, the parity setting), bf16 (autocast; CPUs with AVX512-BF16/AMX and
-    /// recent GPUs) or fp16 (autocast; GPUs). The initial noise, the guidance and the sampler stay in float32.
-    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
-    precision: Precision,
+    /// The networks' precision (default: the config's `sampling.precision`, else fp32, the parity setting; fp32
+    /// with --reference-sampling): bf16 (autocast; CPUs with AVX512-BF16/AMX, recent GPUs) or fp16 (autocast; GPUs).
+    /// The initial noise, the guidance and the sampler stay in float32.
+    #[arg(long, value_enum)]
+    precision: Option<Precision>,
     /// Sample a lone image as a pair with itself (twice the work) so that it equals, bit for bit, its copy from a
     /// batch run on the CPU. Without it a lone image runs at batch 1 and may differ from its batch copy by a PNG level.
     #[arg(long)]
@@ -151,6 +152,7 @@ struct Setup {
     scheduler_kind: SchedulerKind,
     scheduler: SchedulerConfig,
     sampler_steps: usize,
+    precision: Precision,
     device: tch::Device,
 }
 
@@ -170,8 +172,13 @@ fn setup(c: &Common, controlnet: Option<(PathBuf, PathBuf)>, default_guidance: f
     let text = Text::new(&models.unet.model, contexts, c.guidance, section.guidance_scale.unwrap_or(default_guidance))?;
     let choice = SamplerChoice { kind: c.scheduler, steps: c.steps, reference: c.reference_sampling };
     let (scheduler_kind, scheduler, sampler_steps) = section.resolve(&section_path, &choice)?;
+    let precision = match (c.precision, c.reference_sampling) {
+        (Some(p), _) => p,
+        (None, true) => Precision::Fp32,
+        (None, false) => section.precision.unwrap_or_default(),
+    };
     ensure!(c.batch_size > 0, "--batch-size must be positive");
-    Ok(Setup { models, text, section, section_path, scheduler_kind, scheduler, sampler_steps, device })
+    Ok(Setup { models, text, section, section_path, scheduler_kind, scheduler, sampler_steps, precision, device })
 }
 
 /// The settings that decide the pixels, kept in `manifest.json` so `--skip-existing` never mixes
@@ -184,7 +191,7 @@ fn settings(c: &Common, s: &Setup, extra: Value) -> Value {
     let mut v = json!({
         "stage1_weights": c.stage1_weights, "ldm_weights": c.ldm_weights, "context": c.context,
         "steps": s.sampler_steps, "guidance": guidance, "scale_factor": s.models.scale_factor,
-        "scheduler_kind": s.scheduler_kind, "scheduler": s.scheduler, "precision": c.precision,
+        "scheduler_kind": s.scheduler_kind, "scheduler": s.scheduler, "precision": s.precision,
     });
     if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
         o.extend(e.clone());
@@ -237,7 +244,7 @@ fn run_jobs(
         scheduler: s.scheduler.clone(),
         steps: s.sampler_steps,
         conditioning_scale,
-        precision: c.precision,
+        precision: s.precision,
         match_batch: c.match_batch,
         device: s.device,
     };
