@@ -5,9 +5,7 @@ mod common;
 
 use common::fixtures;
 use medgen::checkpoint::StateDict;
-use medgen::schedulers::{
-    build, DpmSolverScheduler, Scheduler, SchedulerConfig, SchedulerKind, TimestepSpacing, UniPcScheduler,
-};
+use medgen::schedulers::{build, DpmSolverScheduler, Scheduler, SchedulerConfig, SchedulerKind, UniPcScheduler};
 use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 
@@ -372,7 +370,7 @@ fn timesteps_out_of_order_are_refused() {
         s.set_timesteps(5).unwrap();
         let ts = s.timesteps().to_vec();
         assert_mentions(&err_of(s.step(&x, ts[1], &x)), &[&ts[1].to_string(), &ts[0].to_string(), "in order"]);
-        s.step(&x, ts[0], &x).unwrap();
+        let _ = s.step(&x, ts[0], &x).unwrap();
         // The same timestep again, or skipping one.
         assert_mentions(&err_of(s.step(&x, ts[0], &x)), &["step 1 of 5", &ts[1].to_string()]);
         assert_mentions(&err_of(s.step(&x, ts[2], &x)), &["step 1 of 5"]);
@@ -383,12 +381,12 @@ fn timesteps_out_of_order_are_refused() {
         );
         assert_mentions(&err_of(s.step(&ones(&[1, 2, 3]), ts[1], &x)), &["model_output", "[1, 2, 3]", "[1, 2, 3, 3]"]);
         for &t in &ts[1..] {
-            s.step(&x, t, &x).unwrap();
+            let _ = s.step(&x, t, &x).unwrap();
         }
         assert_mentions(&err_of(s.step(&x, 0, &x)), &["all 5 steps have run"]);
         // set_timesteps starts a new run.
         s.set_timesteps(5).unwrap();
-        s.step(&x, ts[0], &x).unwrap();
+        let _ = s.step(&x, ts[0], &x).unwrap();
     }
 }
 
