@@ -313,6 +313,9 @@ fn fields_a_kind_does_not_take_are_refused() {
         );
         build(kind, &cfg(serde_json::json!({"steps_offset": 0, "timestep_spacing": "trailing"}))).unwrap();
     }
+    // A config file is checked when it is read (config::scheduler_config), before any build.
+    let order3 = cfg(serde_json::json!({"solver_order": 3}));
+    assert_mentions(&err_of(order3.check_applies_to(DpmSolver)), &["solver_order 3", "dpm-solver++"]);
     // Unknown diffusers options are refused by name.
     let unknown = serde_json::from_value::<SchedulerConfig>(serde_json::json!({"use_karras_sigmas": true}));
     assert_mentions(&unknown.unwrap_err().to_string(), &["use_karras_sigmas"]);

@@ -174,7 +174,8 @@ pub enum NoiseDevice {
 }
 
 /// Scheduler parameters, named as MONAI's constructor arguments and the reference YAML's
-/// `scheduler:` section. `None` means "this scheduler's MONAI default": the defaults differ by
+/// `scheduler:` section. `None` means "this scheduler's MONAI default" (diffusers' constructor
+/// default for dpm-solver++ and unipc): the defaults differ by
 /// scheduler (DDIM `set_alpha_to_one=True`, PNDM `False`), so each constructor resolves them
 /// from constants next to it (`ddim::DDIM_SET_ALPHA_TO_ONE`, `pndm::PNDM_SET_ALPHA_TO_ONE`, ...);
 /// the medgen-only selectors default to MONAI 1.6.1's behaviour. Setting a field the chosen
@@ -312,12 +313,16 @@ impl SchedulerConfig {
         if let Some(eta) = self.eta {
             ensure!(eta.is_finite(), "eta must be finite, got {eta}");
         }
+        if !kind.is_monai() {
+            multistep::check_config(self, kind)?;
+        }
         Ok(())
     }
 }
 
 /// A sampler over a noise schedule. `timesteps()` is valid from construction (MONAI's
-/// defaults: DDPM `T-1..0`, DDIM and PNDM call `set_timesteps(T)` in their constructors).
+/// defaults: DDPM `T-1..0`, DDIM and PNDM call `set_timesteps(T)` in their constructors;
+/// diffusers': dpm-solver++ and unipc list `T-1..0` but cannot `step` before `set_timesteps`).
 pub trait Scheduler: Send {
     fn kind(&self) -> SchedulerKind;
     /// The betas, alphas and ᾱ, shared by every sampler.
@@ -326,7 +331,8 @@ pub trait Scheduler: Send {
     fn num_train_timesteps(&self) -> i64 {
         self.noise_schedule().num_train_timesteps()
     }
-    /// MONAI's `num_inference_steps` attribute: `None` for DDPM before `set_timesteps`; for
+    /// MONAI's `num_inference_steps` attribute: `None` for DDPM (and, as in diffusers,
+    /// dpm-solver++ and unipc) before `set_timesteps`; for
     /// PNDM with PRK steps, the number of timesteps rather than the `n` asked for (a quirk).
     fn num_inference_steps(&self) -> Option<usize>;
     /// The inference timesteps, in the order to run them.
@@ -334,7 +340,9 @@ pub trait Scheduler: Send {
     /// Chooses `num_inference_steps` timesteps (and resets any multistep state).
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()>;
     /// One reverse step from `sample` at `timestep`: `(prev_sample, pred_original_sample)`,
-    /// the latter `None` where the scheduler does not compute it (PNDM).
+    /// the latter `None` where the scheduler does not compute it (PNDM). The multistep samplers
+    /// (PNDM, dpm-solver++, unipc) keep state between calls, so they need the timesteps of
+    /// `timesteps()` in order; dpm-solver++ and unipc refuse any other.
     fn step(&mut self, model_output: &Tensor, timestep: i64, sample: &Tensor) -> Result<(Tensor, Option<Tensor>)>;
     /// `sqrt(ᾱ_t)·x0 + sqrt(1−ᾱ_t)·ε`, one integer timestep per batch element (or a 0-d one).
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timesteps: &Tensor) -> Result<Tensor> {

@@ -67,19 +67,6 @@ impl Multistep {
     pub fn new(cfg: &SchedulerConfig, kind: SchedulerKind) -> Result<Self> {
         cfg.check_applies_to(kind)?;
         let schedule = NoiseSchedule::from_config(cfg)?;
-        let solver_order = cfg.solver_order.unwrap_or(MULTISTEP_SOLVER_ORDER);
-        ensure!(
-            (1..=MAX_SOLVER_ORDER).contains(&solver_order),
-            "scheduler {kind}: solver_order {solver_order} is not implemented (medgen has orders 1 and 2)"
-        );
-        let timestep_spacing = cfg.timestep_spacing.unwrap_or_default();
-        let steps_offset = cfg.steps_offset.unwrap_or(MULTISTEP_STEPS_OFFSET);
-        ensure!(
-            steps_offset == 0 || timestep_spacing == TimestepSpacing::Leading,
-            "scheduler {kind}: steps_offset {steps_offset} would have no effect: diffusers adds it with the `leading` \
-             timestep spacing only, and this config uses `{}`",
-            spacing_name(timestep_spacing)
-        );
         // Python's `((1 - ac) / ac) ** 0.5`, as the vector ops diffusers runs.
         let ac = schedule.alphas_cumprod();
         let table = ac.f_rsub_scalar(1.0)?.f_div(ac)?.f_pow_tensor_scalar(0.5)?;
@@ -87,10 +74,10 @@ impl Multistep {
         Ok(Self {
             kind,
             prediction_type: cfg.prediction_type,
-            solver_order,
+            solver_order: cfg.solver_order.unwrap_or(MULTISTEP_SOLVER_ORDER),
             lower_order_final: cfg.lower_order_final.unwrap_or(MULTISTEP_LOWER_ORDER_FINAL),
-            timestep_spacing,
-            steps_offset,
+            timestep_spacing: cfg.timestep_spacing.unwrap_or_default(),
+            steps_offset: cfg.steps_offset.unwrap_or(MULTISTEP_STEPS_OFFSET),
             sigma_table: Vec::<f32>::try_from(&table)?,
             num_inference_steps: None,
             // diffusers' constructor: every training timestep, descending, before set_timesteps.
@@ -243,6 +230,33 @@ impl Multistep {
             None => bail!("{}: sigma index {index} out of range ({} sigmas)", self.kind, self.sigmas.len()),
         }
     }
+}
+
+/// The values `SchedulerConfig::check_applies_to` refuses for dpm-solver++ and unipc.
+pub(super) fn check_config(cfg: &SchedulerConfig, kind: SchedulerKind) -> Result<()> {
+    let solver_order = cfg.solver_order.unwrap_or(MULTISTEP_SOLVER_ORDER);
+    ensure!(
+        (1..=MAX_SOLVER_ORDER).contains(&solver_order),
+        "scheduler {kind}: solver_order {solver_order} is not implemented (medgen has orders 1 and 2)"
+    );
+    let spacing = cfg.timestep_spacing.unwrap_or_default();
+    let steps_offset = cfg.steps_offset.unwrap_or(MULTISTEP_STEPS_OFFSET);
+    ensure!(
+        steps_offset == 0 || spacing == TimestepSpacing::Leading,
+        "scheduler {kind}: steps_offset {steps_offset} would have no effect: diffusers adds it with the `leading` \
+         timestep spacing only, and this config uses `{}`",
+        spacing_name(spacing)
+    );
+    // With order 2 the last UniPC step runs at order 2 onto sigma 0, where λ is infinite and diffusers'
+    // `(m1 − m0) / r1` divides by zero (DPM-Solver++ lowers the last step to order 1 whatever the flag).
+    ensure!(
+        kind != SchedulerKind::UniPc
+            || cfg.lower_order_final.unwrap_or(MULTISTEP_LOWER_ORDER_FINAL)
+            || solver_order == 1,
+        "scheduler {kind}: lower_order_final = false with solver_order {solver_order} is refused: the last step \
+         would run at order 2 onto sigma 0, where diffusers divides by zero and returns inf/NaN"
+    );
+    Ok(())
 }
 
 fn spacing_name(s: TimestepSpacing) -> &'static str {

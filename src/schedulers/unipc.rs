@@ -14,8 +14,9 @@
 //!   float32 2×2 system, run here through libtorch too.
 //! - No float32 upcast: the update runs in the sample's dtype.
 //!
-//! Refused: `lower_order_final = false` with order 2. The last step then lands on sigma 0, where
-//! λ is infinite and diffusers' `(m1 − m0) / r1` divides by zero: its result is inf/NaN.
+//! Refused (by `SchedulerConfig::check_applies_to`): `lower_order_final = false` with order 2.
+//! The last step then lands on sigma 0, where λ is infinite and diffusers' `(m1 − m0) / r1`
+//! divides by zero: its result is inf/NaN.
 use super::multistep::{expm1_32, Multistep, Point};
 use super::{NoiseSchedule, PredictionType, Scheduler, SchedulerConfig, SchedulerKind};
 use anyhow::{ensure, Context, Result};
@@ -67,14 +68,7 @@ impl UniPcScheduler {
     /// diffusers' constructor: the timesteps are `T-1..0` and `num_inference_steps` is `None`
     /// until `set_timesteps`, before which `step` fails.
     pub fn new(cfg: &SchedulerConfig) -> Result<Self> {
-        let m = Multistep::new(cfg, SchedulerKind::UniPc)?;
-        ensure!(
-            m.lower_order_final || m.solver_order == 1,
-            "scheduler unipc: lower_order_final = false with solver_order {} is refused: the last step would run at \
-             order 2 onto sigma 0, where diffusers divides by zero and returns inf/NaN",
-            m.solver_order
-        );
-        Ok(Self { m, last_sample: None, this_order: 0 })
+        Ok(Self { m: Multistep::new(cfg, SchedulerKind::UniPc)?, last_sample: None, this_order: 0 })
     }
 
     pub fn solver_order(&self) -> usize {
