@@ -174,10 +174,10 @@ pub enum NoiseDevice {
 }
 
 /// Scheduler parameters, named as MONAI's constructor arguments and the reference YAML's
-/// `scheduler:` section. `None` means "this scheduler's MONAI default" (diffusers' constructor
-/// default for dpm-solver++ and unipc): the defaults differ by
-/// scheduler (DDIM `set_alpha_to_one=True`, PNDM `False`), so each constructor resolves them
-/// from constants next to it (`ddim::DDIM_SET_ALPHA_TO_ONE`, `pndm::PNDM_SET_ALPHA_TO_ONE`, ...);
+/// `scheduler:` section. `None` means "this scheduler's MONAI default" (diffusers' for
+/// dpm-solver++ and unipc): the defaults differ by scheduler (DDIM `set_alpha_to_one=True`, PNDM
+/// `False`), so each constructor resolves them from constants next to it
+/// (`ddim::DDIM_SET_ALPHA_TO_ONE`, `pndm::PNDM_SET_ALPHA_TO_ONE`, `dpm_solver::DPM_SOLVER_ORDER`, ...);
 /// the medgen-only selectors default to MONAI 1.6.1's behaviour. Setting a field the chosen
 /// scheduler or schedule does not take is an error, as it is in MONAI (where the extra keyword
 /// reaches the schedule function and raises a `TypeError`).
