@@ -419,3 +419,35 @@ fn half_precision_model_output_with_float_sample() {
         }
     }
 }
+
+/// A config file's `sampling` section selects the new kinds by name, and its bad values are refused when it is read,
+/// naming the file.
+#[test]
+fn sampling_config_selects_the_multistep_kinds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let write = |name: &str, sampling: serde_json::Value| {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, serde_json::json!({ "sampling": sampling }).to_string()).unwrap();
+        path
+    };
+    let ok = write(
+        "dpm.json",
+        serde_json::json!({"scheduler_kind": "dpmpp", "scheduler": {
+            "schedule": "scaled_linear_beta", "beta_start": 0.0015, "beta_end": 0.0205,
+            "prediction_type": "v_prediction", "timestep_spacing": "trailing", "solver_order": 2}}),
+    );
+    let (kind, c) = medgen::config::sampling_scheduler(&ok).unwrap();
+    assert_eq!(kind, SchedulerKind::DpmSolver);
+    let mut s = build(kind, &c).unwrap();
+    s.set_timesteps(10).unwrap();
+    assert_eq!(s.timesteps(), &[999, 899, 799, 699, 599, 499, 399, 299, 199, 99]);
+
+    let bad = write("unipc.json", serde_json::json!({"scheduler_kind": "unipc", "scheduler": {"solver_order": 3}}));
+    let msg = err_of(medgen::config::sampling_scheduler(&bad));
+    assert_mentions(&msg, &["unipc.json", "solver_order 3"]);
+    let bad = write(
+        "ddim.json",
+        serde_json::json!({"scheduler_kind": "ddim", "scheduler": {"timestep_spacing": "trailing"}}),
+    );
+    assert_mentions(&err_of(medgen::config::sampling_scheduler(&bad)), &["ddim.json", "trailing"]);
+}
