@@ -265,6 +265,9 @@ fn kind_strings() {
     assert_eq!(serde_json::to_value(SchedulerKind::UniPc).unwrap(), "unipc");
     assert_eq!(serde_json::from_value::<SchedulerKind>("dpm-solver++".into()).unwrap(), SchedulerKind::DpmSolver);
     assert_eq!(serde_json::from_value::<SchedulerKind>("unipc".into()).unwrap(), SchedulerKind::UniPc);
+    for alias in ["dpmsolver++", "dpm_solver", "dpm-solver", "dpmpp"] {
+        assert_eq!(serde_json::from_value::<SchedulerKind>(alias.into()).unwrap(), SchedulerKind::DpmSolver);
+    }
     assert_mentions(
         &err_of("euler".parse::<SchedulerKind>()),
         &["euler", "ddpm", "ddim", "pndm", "dpm-solver++", "unipc"],

@@ -45,8 +45,15 @@ pub enum SchedulerKind {
     Ddpm,
     Ddim,
     Pndm,
-    /// DPM-Solver++ multistep (diffusers' `DPMSolverMultistepScheduler`).
-    #[serde(rename = "dpm-solver++")]
+    /// DPM-Solver++ multistep (diffusers' `DPMSolverMultistepScheduler`). The aliases are
+    /// `FromStr`'s, so that a config's `sampling.scheduler_kind` reads the same either way.
+    #[serde(
+        rename = "dpm-solver++",
+        alias = "dpmsolver++",
+        alias = "dpm_solver",
+        alias = "dpm-solver",
+        alias = "dpmpp"
+    )]
     DpmSolver,
     /// UniPC multistep (diffusers' `UniPCMultistepScheduler`).
     #[serde(rename = "unipc")]
