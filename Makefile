@@ -62,6 +62,7 @@ fixtures: setup
 	$(VPY) tests/gen_checkpoint_fixtures.py --out $(FIXTURES)/checkpoint
 	$(VPY) tests/gen_aekl_fixtures.py --out $(FIXTURES)/aekl
 	$(VPY) tests/gen_scheduler_fixtures.py --out $(FIXTURES)/schedulers
+	$(VPY) tests/gen_multistep_fixtures.py --out $(FIXTURES)/multistep
 	$(VPY) tests/gen_unet_fixtures.py --out $(FIXTURES)/unet
 	$(VPY) tests/gen_sampling_fixtures.py --out $(FIXTURES)/sampling
 	$(VPY) tests/gen_tokenizer_fixtures.py --vocab $(CLIP_VOCAB) --out $(FIXTURES)/tokenizer

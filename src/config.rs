@@ -66,7 +66,10 @@ pub fn sampling_scheduler(path: &Path) -> Result<(SchedulerKind, SchedulerConfig
     let kind: SchedulerKind = s
         .get("scheduler_kind")
         .and_then(|k| k.as_str())
-        .with_context(|| format!("{}: `sampling.scheduler_kind` missing (ddpm, ddim or pndm)", path.display()))?
+        .with_context(|| {
+            let kinds: Vec<&str> = SchedulerKind::ALL.iter().map(|k| k.as_str()).collect();
+            format!("{}: `sampling.scheduler_kind` missing ({})", path.display(), kinds.join(", "))
+        })?
         .parse()
         .with_context(|| format!("{}: sampling.scheduler_kind", path.display()))?;
     let params = s.get("scheduler").with_context(|| format!("{}: no `sampling.scheduler`", path.display()))?;

@@ -213,6 +213,10 @@ impl Scheduler for DdimScheduler {
         let base = match self.timestep_spacing {
             TimestepSpacing::Linspace => linspace_timesteps(t - 1 - offset, n)?,
             TimestepSpacing::Leading => leading_timesteps(t, n).into_iter().rev().collect(),
+            // Unreachable: the constructor's check_applies_to refuses it.
+            TimestepSpacing::Trailing => {
+                bail!("ddim: the `trailing` timestep spacing is diffusers' (dpm-solver++, unipc only)")
+            }
         };
         self.timesteps = base.into_iter().map(|x| x + offset).collect();
         self.num_inference_steps = num_inference_steps;

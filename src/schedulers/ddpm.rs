@@ -14,7 +14,7 @@ use super::{
     pred_original, sqrt32, NoiseDevice, NoiseSchedule, PredictionType, Scheduler, SchedulerConfig, SchedulerKind,
     TimestepSpacing, VarianceType,
 };
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Result};
 use tch::Tensor;
 
 /// MONAI's `DDPMScheduler` constructor defaults for the fields `SchedulerConfig` leaves unset.
@@ -114,6 +114,10 @@ impl Scheduler for DdpmScheduler {
         self.timesteps = match self.timestep_spacing {
             TimestepSpacing::Linspace => linspace_timesteps(t - 1, n)?,
             TimestepSpacing::Leading => leading_timesteps(t, n).into_iter().rev().collect(),
+            // Unreachable: the constructor's check_applies_to refuses it.
+            TimestepSpacing::Trailing => {
+                bail!("ddpm: the `trailing` timestep spacing is diffusers' (dpm-solver++, unipc only)")
+            }
         };
         self.num_inference_steps = Some(num_inference_steps);
         Ok(())

@@ -1,6 +1,7 @@
-//! Noise schedulers (DDPM, DDIM, PNDM), after MONAI 1.6.1 `monai/networks/schedulers` and
-//! monai-generative 0.2.3 `generative/networks/schedulers`. They know nothing about networks:
-//! a sampling loop calls the model, then `step` with its output (diffusers style).
+//! Noise schedulers: DDPM, DDIM, PNDM after MONAI 1.6.1 `monai/networks/schedulers` and
+//! monai-generative 0.2.3 `generative/networks/schedulers`; DPM-Solver++ and UniPC (multistep)
+//! after diffusers 0.42. They know nothing about networks: a sampling loop calls the model, then
+//! `step` with its output (diffusers style).
 //!
 //! Numerics follow PyTorch exactly: MONAI indexes float32 tensors, so every coefficient is a
 //! float32 0-d tensor. Here the coefficients are `f32` scalars computed in the same order (+, −,
@@ -11,15 +12,25 @@
 //! Where MONAI 1.6.1 and monai-generative 0.2.3 differ, `SchedulerConfig` has a selector
 //! whose default is MONAI 1.6.1: `cosine_version`, `timestep_spacing`, `noise_device`, and
 //! `DdimScheduler::reversed_step` vs `reversed_step_legacy`.
+//!
+//! The diffusers samplers (`dpm_solver`, `unipc`) follow diffusers' conventions, which are not
+//! MONAI's: their own timestep spacings (see `TimestepSpacing`), `steps_offset` used by the
+//! `leading` spacing only, timesteps computed in numpy float64, and sigmas `sqrt((1−ᾱ)/ᾱ)`
+//! instead of ᾱ in the update (see `multistep`).
 pub mod ddim;
 pub mod ddpm;
+pub mod dpm_solver;
+mod multistep;
 pub mod pndm;
 pub mod schedule;
+pub mod unipc;
 
 pub use ddim::DdimScheduler;
 pub use ddpm::DdpmScheduler;
+pub use dpm_solver::DpmSolverScheduler;
 pub use pndm::PndmScheduler;
 pub use schedule::{CosineVersion, NoiseSchedule, Schedule};
+pub use unipc::UniPcScheduler;
 
 use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
@@ -34,15 +45,37 @@ pub enum SchedulerKind {
     Ddpm,
     Ddim,
     Pndm,
+    /// DPM-Solver++ multistep (diffusers' `DPMSolverMultistepScheduler`). The aliases are
+    /// `FromStr`'s, so that a config's `sampling.scheduler_kind` reads the same either way.
+    #[serde(
+        rename = "dpm-solver++",
+        alias = "dpmsolver++",
+        alias = "dpm_solver",
+        alias = "dpm-solver",
+        alias = "dpmpp"
+    )]
+    DpmSolver,
+    /// UniPC multistep (diffusers' `UniPCMultistepScheduler`).
+    #[serde(rename = "unipc")]
+    UniPc,
 }
 
 impl SchedulerKind {
+    pub const ALL: [SchedulerKind; 5] = [Self::Ddpm, Self::Ddim, Self::Pndm, Self::DpmSolver, Self::UniPc];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Ddpm => "ddpm",
             Self::Ddim => "ddim",
             Self::Pndm => "pndm",
+            Self::DpmSolver => "dpm-solver++",
+            Self::UniPc => "unipc",
         }
+    }
+
+    /// The MONAI samplers, whose conventions (spacings, offsets) differ from diffusers'.
+    pub fn is_monai(self) -> bool {
+        matches!(self, Self::Ddpm | Self::Ddim | Self::Pndm)
     }
 }
 
@@ -53,7 +86,12 @@ impl FromStr for SchedulerKind {
             "ddpm" => Self::Ddpm,
             "ddim" => Self::Ddim,
             "pndm" => Self::Pndm,
-            _ => bail!("unknown scheduler {s:?}: use ddpm, ddim or pndm"),
+            "dpm-solver++" | "dpmsolver++" | "dpm_solver" | "dpm-solver" | "dpmpp" => Self::DpmSolver,
+            "unipc" => Self::UniPc,
+            _ => {
+                let names: Vec<&str> = Self::ALL.iter().map(|k| k.as_str()).collect();
+                bail!("unknown scheduler {s:?}: use one of {}", names.join(", "))
+            }
         })
     }
 }
@@ -109,17 +147,25 @@ impl VarianceType {
     }
 }
 
-/// How DDPM and DDIM spread `n` inference steps over `0..T` (PNDM has only `Leading`).
+/// How DDPM, DDIM and the diffusers samplers spread `n` inference steps over `0..T` (PNDM has
+/// only MONAI's `Leading`). The names are the same in MONAI and diffusers but the definitions
+/// are not: each variant gives both, MONAI's for DDPM/DDIM, diffusers' for dpm-solver++/unipc.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TimestepSpacing {
     /// MONAI >= 1.6 (PR #8623): `linspace(T-1-offset, 0, n)` in float32, rounded half to even,
     /// plus `steps_offset`; the first step is T-1.
+    /// diffusers: `linspace(0, T-1, n+1)` in float64, rounded half to even, reversed, the final 0
+    /// dropped (`steps_offset` unused); the first step is T-1.
     #[default]
     Linspace,
     /// monai-generative 0.2 and MONAI <= 1.5: `arange(n) * (T // n)` reversed, plus `steps_offset`
     /// (DDIM). The reference repo's 200 DDIM steps are `995, 990, ..., 0`.
+    /// diffusers: `arange(1, n+1) * (T // (n+1))` reversed, plus `steps_offset`; never 0.
     Leading,
+    /// diffusers only (Lin et al. 2024, table 2): `round(arange(T, 0, -T/n)) − 1` in float64
+    /// (`steps_offset` unused); the first step is T-1, the last `T/n − 1`.
+    Trailing,
 }
 
 /// Where DDPM and DDIM draw their noise. Both use the global torch generator, so with a
@@ -135,9 +181,10 @@ pub enum NoiseDevice {
 }
 
 /// Scheduler parameters, named as MONAI's constructor arguments and the reference YAML's
-/// `scheduler:` section. `None` means "this scheduler's MONAI default": the defaults differ by
-/// scheduler (DDIM `set_alpha_to_one=True`, PNDM `False`), so each constructor resolves them
-/// from constants next to it (`ddim::DDIM_SET_ALPHA_TO_ONE`, `pndm::PNDM_SET_ALPHA_TO_ONE`, ...);
+/// `scheduler:` section. `None` means "this scheduler's MONAI default" (diffusers' for
+/// dpm-solver++ and unipc): the defaults differ by scheduler (DDIM `set_alpha_to_one=True`, PNDM
+/// `False`), so each constructor resolves them from constants next to it
+/// (`ddim::DDIM_SET_ALPHA_TO_ONE`, `pndm::PNDM_SET_ALPHA_TO_ONE`, `dpm_solver::DPM_SOLVER_ORDER`, ...);
 /// the medgen-only selectors default to MONAI 1.6.1's behaviour. Setting a field the chosen
 /// scheduler or schedule does not take is an error, as it is in MONAI (where the extra keyword
 /// reaches the schedule function and raises a `TypeError`).
@@ -179,7 +226,8 @@ pub struct SchedulerConfig {
     /// DDIM (default true) and PNDM (default false): ᾱ before step 0 is 1, else ᾱ[0].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub set_alpha_to_one: Option<bool>,
-    /// DDIM and PNDM (default 0).
+    /// DDIM and PNDM (default 0); dpm-solver++ and unipc (default 0, and as in diffusers used by
+    /// the `leading` spacing only, so refused with the others unless 0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub steps_offset: Option<i64>,
     /// PNDM only (default false).
@@ -188,12 +236,20 @@ pub struct SchedulerConfig {
     /// DDIM only: MONAI's `step(..., eta)` argument, the weight of the added noise (default 0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eta: Option<f64>,
-    /// DDPM and DDIM (default `linspace`, MONAI 1.6.1).
+    /// DDPM and DDIM (default `linspace`, MONAI 1.6.1); dpm-solver++ and unipc (default
+    /// `linspace`, diffusers'), which alone take `trailing`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timestep_spacing: Option<TimestepSpacing>,
     /// DDPM and DDIM (default `model_output`, MONAI 1.6.1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub noise_device: Option<NoiseDevice>,
+    /// dpm-solver++ and unipc: the multistep order, 1 or 2 (default 2).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub solver_order: Option<usize>,
+    /// dpm-solver++ and unipc (default true): lower the order at the last steps, as diffusers'
+    /// `lower_order_final`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lower_order_final: Option<bool>,
 }
 
 impl Default for SchedulerConfig {
@@ -217,6 +273,8 @@ impl Default for SchedulerConfig {
             eta: None,
             timestep_spacing: None,
             noise_device: None,
+            solver_order: None,
+            lower_order_final: None,
         }
     }
 }
@@ -225,18 +283,29 @@ impl SchedulerConfig {
     /// Fails on any field set that `kind` (or the schedule) does not take, naming it.
     pub fn check_applies_to(&self, kind: SchedulerKind) -> Result<()> {
         use SchedulerKind::*;
-        let fields: [(&str, bool, &[SchedulerKind]); 11] = [
+        let fields: [(&str, bool, &[SchedulerKind]); 14] = [
             ("variance_type", self.variance_type.is_some(), &[Ddpm]),
             ("clip_sample", self.clip_sample.is_some(), &[Ddpm, Ddim]),
             ("clip_sample_min", self.clip_sample_min.is_some(), &[Ddpm, Ddim]),
             ("clip_sample_max", self.clip_sample_max.is_some(), &[Ddpm, Ddim]),
             ("set_alpha_to_one", self.set_alpha_to_one.is_some(), &[Ddim, Pndm]),
-            ("steps_offset", self.steps_offset.is_some(), &[Ddim, Pndm]),
+            ("steps_offset", self.steps_offset.is_some(), &[Ddim, Pndm, DpmSolver, UniPc]),
             ("skip_prk_steps", self.skip_prk_steps.is_some(), &[Pndm]),
             ("eta", self.eta.is_some(), &[Ddim]),
-            ("timestep_spacing", self.timestep_spacing.is_some(), &[Ddpm, Ddim]),
+            ("timestep_spacing", self.timestep_spacing.is_some(), &[Ddpm, Ddim, DpmSolver, UniPc]),
+            (
+                "timestep_spacing: trailing",
+                self.timestep_spacing == Some(TimestepSpacing::Trailing),
+                &[DpmSolver, UniPc],
+            ),
             ("noise_device", self.noise_device.is_some(), &[Ddpm, Ddim]),
-            ("prediction_type: sample", self.prediction_type == PredictionType::Sample, &[Ddpm, Ddim]),
+            (
+                "prediction_type: sample",
+                self.prediction_type == PredictionType::Sample,
+                &[Ddpm, Ddim, DpmSolver, UniPc],
+            ),
+            ("solver_order", self.solver_order.is_some(), &[DpmSolver, UniPc]),
+            ("lower_order_final", self.lower_order_final.is_some(), &[DpmSolver, UniPc]),
         ];
         for (name, set, kinds) in fields {
             if set && !kinds.contains(&kind) {
@@ -251,12 +320,16 @@ impl SchedulerConfig {
         if let Some(eta) = self.eta {
             ensure!(eta.is_finite(), "eta must be finite, got {eta}");
         }
+        if !kind.is_monai() {
+            multistep::check_config(self, kind)?;
+        }
         Ok(())
     }
 }
 
 /// A sampler over a noise schedule. `timesteps()` is valid from construction (MONAI's
-/// defaults: DDPM `T-1..0`, DDIM and PNDM call `set_timesteps(T)` in their constructors).
+/// defaults: DDPM `T-1..0`, DDIM and PNDM call `set_timesteps(T)` in their constructors;
+/// diffusers': dpm-solver++ and unipc list `T-1..0` but cannot `step` before `set_timesteps`).
 pub trait Scheduler: Send {
     fn kind(&self) -> SchedulerKind;
     /// The betas, alphas and ᾱ, shared by every sampler.
@@ -265,7 +338,8 @@ pub trait Scheduler: Send {
     fn num_train_timesteps(&self) -> i64 {
         self.noise_schedule().num_train_timesteps()
     }
-    /// MONAI's `num_inference_steps` attribute: `None` for DDPM before `set_timesteps`; for
+    /// MONAI's `num_inference_steps` attribute: `None` for DDPM (and, as in diffusers,
+    /// dpm-solver++ and unipc) before `set_timesteps`; for
     /// PNDM with PRK steps, the number of timesteps rather than the `n` asked for (a quirk).
     fn num_inference_steps(&self) -> Option<usize>;
     /// The inference timesteps, in the order to run them.
@@ -273,7 +347,9 @@ pub trait Scheduler: Send {
     /// Chooses `num_inference_steps` timesteps (and resets any multistep state).
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()>;
     /// One reverse step from `sample` at `timestep`: `(prev_sample, pred_original_sample)`,
-    /// the latter `None` where the scheduler does not compute it (PNDM).
+    /// the latter `None` where the scheduler does not compute it (PNDM). The multistep samplers
+    /// (PNDM, dpm-solver++, unipc) keep state between calls, so they need the timesteps of
+    /// `timesteps()` in order; dpm-solver++ and unipc refuse any other.
     fn step(&mut self, model_output: &Tensor, timestep: i64, sample: &Tensor) -> Result<(Tensor, Option<Tensor>)>;
     /// `sqrt(ᾱ_t)·x0 + sqrt(1−ᾱ_t)·ε`, one integer timestep per batch element (or a 0-d one).
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timesteps: &Tensor) -> Result<Tensor> {
@@ -285,12 +361,15 @@ pub trait Scheduler: Send {
     }
 }
 
-/// Builds the scheduler `kind` from `cfg`, resolving unset fields to its MONAI defaults.
+/// Builds the scheduler `kind` from `cfg`, resolving unset fields to its defaults (MONAI's
+/// constructor defaults; diffusers' for dpm-solver++ and unipc).
 pub fn build(kind: SchedulerKind, cfg: &SchedulerConfig) -> Result<Box<dyn Scheduler>> {
     Ok(match kind {
         SchedulerKind::Ddpm => Box::new(DdpmScheduler::new(cfg)?),
         SchedulerKind::Ddim => Box::new(DdimScheduler::new(cfg)?),
         SchedulerKind::Pndm => Box::new(PndmScheduler::new(cfg)?),
+        SchedulerKind::DpmSolver => Box::new(DpmSolverScheduler::new(cfg)?),
+        SchedulerKind::UniPc => Box::new(UniPcScheduler::new(cfg)?),
     })
 }
 
