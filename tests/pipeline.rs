@@ -78,6 +78,25 @@ fn train_sample_evaluate_report() {
     let (batched, alone) = (levels(&s1.join("sample_2.png")), levels(&s4.join("sample_2.png")));
     let worst = batched.iter().zip(&alone).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
     assert!(worst <= 1, "seed 2 at batch 1 is {worst} PNG levels from its batch copy");
+    // bf16 networks (fp32 noise and sampler): recorded in the manifest, close to the fp32 image; the reference
+    // settings fix the sampler, so --steps with them is refused.
+    let s5 = d.join("t1w_bf16");
+    sample_t1w(&s5, &["--seeds", "2", "--precision", "bf16"]);
+    assert_eq!(json(&s5.join("manifest.json"))["settings"]["precision"], "bf16");
+    let bf16 = levels(&s5.join("sample_2.png"));
+    let mse = alone.iter().zip(&bf16).map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2)).sum::<f64>()
+        / (255.0 * 255.0 * alone.len() as f64);
+    assert!(mse == 0.0 || 10.0 * (1.0 / mse).log10() >= 40.0, "bf16 vs fp32: MSE {mse}");
+    let o = medgen(
+        &[
+            &["sample", "t1w", "--device", "cpu", "--output", s(&d.join("x")), "--reference-sampling", "--steps", "2"]
+                [..],
+            &stage1,
+            &ldm_args,
+        ]
+        .concat(),
+    );
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--steps"), "{o:?}");
     assert!(bytes(&s1.join("sample_0.png")) != bytes(&s1.join("sample_1.png")), "different seeds, same image");
     let img = image::open(s1.join("sample_0.png")).unwrap();
     assert_eq!((img.width(), img.height()), (128, 128));

@@ -4,11 +4,11 @@
 use crate::amp::Precision;
 use crate::config::{self, model_params, read_json};
 use crate::data::preprocess::{self, Crop, Progress, Span, Split};
+use crate::generate::schedule_only;
 use crate::metrics::ssim::{ms_ssim_diversity, SsimConfig};
 use crate::nets::patch_discriminator::{PatchDiscriminator, PatchDiscriminatorConfig};
 use crate::nets::{AutoencoderKL, Conditioning, ControlNet, DiffusionModelUNet};
 use crate::sampling::{decode_latent, sample_latent, Control, TextConditioning};
-use crate::generate::schedule_only;
 use crate::schedulers::{self, NoiseSchedule, SchedulerConfig, SchedulerKind, TimestepSpacing};
 use crate::train::aekl::{aekl_step, AeklLossWeights, AeklModels, AeklOptimizers};
 use crate::train::diffusion::{diffusion_loss, diffusion_step, ControlInput};
@@ -262,8 +262,7 @@ pub fn run(a: Args) -> Result<()> {
                         Precision::Fp32,
                         &mut |_, _| {},
                     )?;
-                    let _ =
-                        decode_latent(ae.as_ref().expect("checked"), &latent, 0.3, precision)?.clamp(0.0, 1.0);
+                    let _ = decode_latent(ae.as_ref().expect("checked"), &latent, 0.3, precision)?.clamp(0.0, 1.0);
                 } else {
                     // One step of the sampler: a one-timestep schedule would change DDIM's stride, so
                     // the first of the 200 steps is run by hand with the sampler's own pieces.
