@@ -87,6 +87,15 @@ fn train_sample_evaluate_report() {
     let mse = alone.iter().zip(&bf16).map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2)).sum::<f64>()
         / (255.0 * 255.0 * alone.len() as f64);
     assert!(mse == 0.0 || 10.0 * (1.0 / mse).log10() >= 40.0, "bf16 vs fp32: MSE {mse}");
+    // The multistep samplers on the config's training schedule; recorded in the manifest.
+    for kind in ["dpm-solver++", "unipc"] {
+        let out = d.join(format!("t1w_{kind}"));
+        sample_t1w(&out, &["--seeds", "2", "--scheduler", kind, "--steps", "4"]);
+        let m = json(&out.join("manifest.json"));
+        assert_eq!(m["settings"]["scheduler_kind"], kind);
+        assert_eq!(m["settings"]["steps"], 4);
+        assert!(levels(&out.join("sample_2.png")) != alone, "{kind} gave DDIM's image");
+    }
     let o = medgen(
         &[
             &["sample", "t1w", "--device", "cpu", "--output", s(&d.join("x")), "--reference-sampling", "--steps", "2"]
