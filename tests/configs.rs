@@ -1,6 +1,7 @@
 //! The shipped configs parse into the models they describe, and bad model configs are refused
 //! with the reason (what MONAI raises, or would only hit deep inside a forward pass).
 use medgen::config;
+use medgen::generate::{SamplerChoice, SamplingSection};
 use medgen::nets::PerLevel;
 use medgen::nets::{AutoencoderKL, AutoencoderKLConfig, ControlNetConfig, DiffusionModelUNetConfig};
 use medgen::schedulers::SchedulerKind;
@@ -31,17 +32,30 @@ fn reference_configs_parse() {
 }
 
 /// reference-repo.md §4: the sampling scripts' DDIM (clip_sample=False, monai-generative's
-/// spacing) runs 200 steps as 995, 990, ..., 0 and never clips.
+/// spacing) runs 200 steps as 995, 990, ..., 0 and never clips. It is what `--reference-sampling`
+/// gives for every config, whatever its `sampling` section's default.
 #[test]
 fn reference_sampling_scheduler() {
-    for file in ["ldm_v0.json", "controlnet_v0.json"] {
-        let (kind, s) = config::sampling_scheduler(&cfg(file)).unwrap();
-        assert_eq!(kind, SchedulerKind::Ddim);
+    let reference = SamplerChoice { reference: true, ..Default::default() };
+    for file in ["ldm_v0.json", "controlnet_v0.json", "demo/ldm.json", "demo/controlnet.json"] {
+        let section = SamplingSection::of(&cfg(file)).unwrap();
+        let (kind, s, steps) = section.resolve(&cfg(file), &reference).unwrap();
+        assert_eq!((kind, steps), (SchedulerKind::Ddim, 200), "{file}");
         assert_eq!(s.clip_sample, Some(false));
         let mut sched = medgen::schedulers::build(kind, &s).unwrap();
-        sched.set_timesteps(200).unwrap();
+        sched.set_timesteps(steps).unwrap();
         let want: Vec<i64> = (0..200).rev().map(|i| 5 * i).collect();
         assert_eq!(sched.timesteps(), want.as_slice(), "{file}");
+        // The config's own default builds too, and another sampler keeps the training schedule.
+        let (kind, s, steps) = section.resolve(&cfg(file), &SamplerChoice::default()).unwrap();
+        medgen::schedulers::build(kind, &s).unwrap().set_timesteps(steps).unwrap();
+        let other = SamplerChoice { kind: Some(SchedulerKind::UniPc), steps: Some(15), ..Default::default() };
+        let (kind, u, steps) = section.resolve(&cfg(file), &other).unwrap();
+        assert_eq!((kind, steps), (SchedulerKind::UniPc, 15));
+        assert_eq!(
+            (u.schedule, u.beta_start, u.beta_end, u.prediction_type),
+            (s.schedule, s.beta_start, s.beta_end, s.prediction_type)
+        );
     }
 }
 
