@@ -95,6 +95,11 @@ def build_rows(quick, raw, main_rounds, scale_rounds):
             f"reference configs, medgen's default ({fast['label']}), batch 1")
     r["impls"], r["versus"] = ["medgen"], "user-ref-s200-b1"
     main.append(r)
+    if fast["opts"]["precision"] != "bf16":
+        r = row("user-fast-bf16-b1", "sample", {**ref_sample, **fast["opts"], "precision": "bf16", "batch": 1}, 1, 1,
+                "sample", f"reference configs, medgen's default sampler with --precision bf16, batch 1")
+        r["impls"], r["versus"] = ["medgen"], "user-ref-s200-b1"
+        main.append(r)
     r = row("denoise-ref-b1-bf16", "denoise-step", {"ldm-config": REF["ldm"], "controlnet-config": REF["controlnet"],
                                                    "batch": 1, "precision": "bf16"}, 4, 1, "denoise-step",
             "reference configs, batch 1, bf16 autocast")
