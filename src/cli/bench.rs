@@ -4,6 +4,7 @@
 use crate::amp::Precision;
 use crate::config::{self, model_params, read_json};
 use crate::data::preprocess::{self, Crop, Progress, Span, Split};
+use crate::memory_format::to_channels_last;
 use crate::metrics::ssim::{ms_ssim_diversity, SsimConfig};
 use crate::nets::patch_discriminator::{PatchDiscriminator, PatchDiscriminatorConfig};
 use crate::nets::{AutoencoderKL, Conditioning, ControlNet, DiffusionModelUNet};
@@ -69,6 +70,14 @@ pub struct Args {
     height: i64,
     #[arg(long, default_value_t = 224)]
     width: i64,
+    /// `denoise-step`, `sample`: the networks' weights and the noise and control image in the channels-last (NHWC)
+    /// layout. `denoise-step` also runs one step in the default layout first (untimed) and reports the largest
+    /// difference of the step's output (`channels_last_max_abs_diff`).
+    #[arg(long)]
+    channels_last: bool,
+    /// `denoise-step`, `sample`: the networks' forward passes in float32 or under autocast.
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    precision: Precision,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,6 +130,7 @@ pub fn run(a: Args) -> Result<()> {
     ensure!(a.reps >= 1, "--reps must be at least 1");
     let scratch = Scratch(std::env::temp_dir().join(format!("medgen-bench-{}", std::process::id())));
     let _guard_holder;
+    let mut channels_last_diff = None;
     let (mut rep, units, unit): (Rep, usize, &str) = match a.case {
         Case::AeklStep => {
             let path = need(&a.config, "--config")?;
@@ -201,7 +211,7 @@ pub fn run(a: Args) -> Result<()> {
         Case::DenoiseStep | Case::Sample => {
             let lp = need(&a.ldm_config, "--ldm-config")?;
             let cp = need(&a.controlnet_config, "--controlnet-config")?;
-            let vs = VarStore::new(dev);
+            let mut vs = VarStore::new(dev);
             let ucfg = config::unet_config(lp)?;
             let unet = DiffusionModelUNet::new(&(vs.root() / "unet"), &ucfg, a.naming.generation())?;
             let net = ControlNet::new(&(vs.root() / "cn"), &config::controlnet_config(cp)?, a.naming.generation())?;
@@ -225,42 +235,55 @@ pub fn run(a: Args) -> Result<()> {
             if sample {
                 ensure!(ae.is_some(), "sample needs --stage1-config");
             }
+            let precision = a.precision;
+            let (noise, flair) = if a.channels_last {
+                if !sample {
+                    let step = DenoiseStep {
+                        unet: &unet,
+                        controlnet: &net,
+                        ctx: ctx.as_ref(),
+                        noise: &noise,
+                        flair: &flair,
+                        sched_cfg: &sched_cfg,
+                        precision,
+                    };
+                    let contiguous = step.run()?;
+                    crate::memory_format::varstore_to_channels_last(&mut vs)?;
+                    let (noise, flair) = (to_channels_last(&noise)?, to_channels_last(&flair)?);
+                    let nhwc = DenoiseStep { noise: &noise, flair: &flair, ..step }.run()?;
+                    channels_last_diff = Some(nhwc.f_sub(&contiguous)?.f_abs()?.f_max()?.f_double_value(&[])?);
+                    (noise, flair)
+                } else {
+                    crate::memory_format::varstore_to_channels_last(&mut vs)?;
+                    (to_channels_last(&noise)?, to_channels_last(&flair)?)
+                }
+            } else {
+                (noise, flair)
+            };
             _guard_holder = (vs, VarStore::new(dev));
             let rep = move || -> Result<()> {
-                let mut s = schedulers::build(SchedulerKind::Ddim, &sched_cfg)?;
-                s.set_timesteps(if sample { steps } else { 200 })?;
-                let text = match &ctx {
-                    Some((u, c)) => TextConditioning::Guided { uncond: u, cond: c, guidance_scale: 7.0 },
-                    None => TextConditioning::None,
-                };
-                let control = Control { controlnet: &net, cond: &flair, conditioning_scale: 1.0 };
                 if sample {
+                    let mut s = schedulers::build(SchedulerKind::Ddim, &sched_cfg)?;
+                    s.set_timesteps(steps)?;
+                    let text = match &ctx {
+                        Some((u, c)) => TextConditioning::Guided { uncond: u, cond: c, guidance_scale: 7.0 },
+                        None => TextConditioning::None,
+                    };
+                    let control = Control { controlnet: &net, cond: &flair, conditioning_scale: 1.0 };
+                    let _autocast = precision.autocast(dev);
                     let latent = sample_latent(&unet, Some(&control), s.as_mut(), &noise, &text, &mut |_, _| {})?;
                     let _ = decode_latent(ae.as_ref().expect("checked"), &latent, 0.3)?.clamp(0.0, 1.0);
                 } else {
-                    // One step of the sampler: a one-timestep schedule would change DDIM's stride, so
-                    // the first of the 200 steps is run by hand with the sampler's own pieces.
-                    let _g = tch::no_grad_guard();
-                    let t = s.timesteps()[0];
-                    let (x, context) = match &ctx {
-                        Some((u, c)) => (
-                            Tensor::cat(&[&noise, &noise], 0),
-                            Some(Tensor::cat(&[u.expand([b, 77, -1], false), c.expand([b, 77, -1], false)], 0)),
-                        ),
-                        None => (noise.shallow_clone(), None),
+                    let step = DenoiseStep {
+                        unet: &unet,
+                        controlnet: &net,
+                        ctx: ctx.as_ref(),
+                        noise: &noise,
+                        flair: &flair,
+                        sched_cfg: &sched_cfg,
+                        precision,
                     };
-                    let cond = if ctx.is_some() { Tensor::cat(&[&flair, &flair], 0) } else { flair.shallow_clone() };
-                    let ts = Tensor::from_slice(&[t]);
-                    let c = Conditioning { context: context.as_ref(), ..Default::default() };
-                    let res = net.forward(&x, &ts, &cond, 1.0, &c)?;
-                    let out = unet.forward(&x, &ts, &res.conditioning(context.as_ref(), None))?;
-                    let out = if ctx.is_some() {
-                        let hv = out.chunk(2, 0);
-                        &hv[0] + (&hv[1] - &hv[0]) * 7.0
-                    } else {
-                        out
-                    };
-                    let _ = s.step(&out, t, &noise)?;
+                    let _ = step.run()?;
                 }
                 Ok(())
             };
@@ -323,13 +346,63 @@ pub fn run(a: Args) -> Result<()> {
     }
     let out = json!({
         "case": clap::ValueEnum::to_possible_value(&a.case).map(|v| v.get_name().to_string()), "impl": "medgen", "times_s": times, "units_per_rep": units, "unit": unit,
-        "peak_rss_mb": peak_rss_mb(), "import_rss_mb": start_rss,
+        "peak_rss_mb": peak_rss_mb(), "import_rss_mb": start_rss, "channels_last_max_abs_diff": channels_last_diff,
         "params": {"config": a.config, "ldm_config": a.ldm_config, "controlnet_config": a.controlnet_config,
                    "stage1_config": a.stage1_config, "naming": format!("{:?}", a.naming).to_lowercase(), "batch": b, "steps": a.steps, "n": a.n, "threads": a.threads,
-                   "height": h, "width": w},
+                   "height": h, "width": w, "channels_last": a.channels_last,
+                   "precision": format!("{:?}", a.precision).to_lowercase()},
     });
     println!("{out}");
     Ok(())
+}
+
+/// One step of the sampler as `sample_flair_to_t1w.py` runs it: ControlNet, UNet, guidance 7 where the UNet has
+/// a text context, then DDIM, under no_grad. A one-timestep schedule would change DDIM's stride, so the first of
+/// the 200 steps is run by hand with the sampler's own pieces.
+#[derive(Clone, Copy)]
+struct DenoiseStep<'a> {
+    unet: &'a DiffusionModelUNet,
+    controlnet: &'a ControlNet,
+    /// The unconditional and conditional contexts, `(1, 77, dim)`.
+    ctx: Option<&'a (Tensor, Tensor)>,
+    noise: &'a Tensor,
+    flair: &'a Tensor,
+    sched_cfg: &'a SchedulerConfig,
+    precision: Precision,
+}
+
+impl DenoiseStep<'_> {
+    /// The step's `prev_sample`.
+    fn run(&self) -> Result<Tensor> {
+        let _g = tch::no_grad_guard();
+        let mut s = schedulers::build(SchedulerKind::Ddim, self.sched_cfg)?;
+        s.set_timesteps(200)?;
+        let t = s.timesteps()[0];
+        let (noise, flair) = (self.noise, self.flair);
+        let b = noise.size()[0];
+        let (x, context) = match self.ctx {
+            Some((u, c)) => (
+                Tensor::cat(&[noise, noise], 0),
+                Some(Tensor::cat(&[u.expand([b, 77, -1], false), c.expand([b, 77, -1], false)], 0)),
+            ),
+            None => (noise.shallow_clone(), None),
+        };
+        let cond = if self.ctx.is_some() { Tensor::cat(&[flair, flair], 0) } else { flair.shallow_clone() };
+        let ts = Tensor::from_slice(&[t]);
+        let c = Conditioning { context: context.as_ref(), ..Default::default() };
+        let out = {
+            let _autocast = self.precision.autocast(noise.device());
+            let res = self.controlnet.forward(&x, &ts, &cond, 1.0, &c)?;
+            self.unet.forward(&x, &ts, &res.conditioning(context.as_ref(), None))?
+        };
+        let out = if self.ctx.is_some() {
+            let hv = out.chunk(2, 0);
+            &hv[0] + (&hv[1] - &hv[0]) * 7.0
+        } else {
+            out
+        };
+        Ok(s.step(&out, t, noise)?.0)
+    }
 }
 
 /// A scratch folder, removed however the run ends.
