@@ -238,6 +238,10 @@ pub fn run(a: Args) -> Result<()> {
             let precision = a.precision;
             let (noise, flair) = if a.channels_last {
                 if !sample {
+                    // MONAI zero-initialises the output convolutions (the UNet's last one, the ControlNet's zero
+                    // convs): on these random weights the step's output would not depend on the networks at all.
+                    // They get random values for this check only, and their zeros back for the timed reps.
+                    let zeroed = randomize_zeroed(&vs)?;
                     let step = DenoiseStep {
                         unet: &unet,
                         controlnet: &net,
@@ -252,6 +256,7 @@ pub fn run(a: Args) -> Result<()> {
                     let (noise, flair) = (to_channels_last(&noise)?, to_channels_last(&flair)?);
                     let nhwc = DenoiseStep { noise: &noise, flair: &flair, ..step }.run()?;
                     channels_last_diff = Some(nhwc.f_sub(&contiguous)?.f_abs()?.f_max()?.f_double_value(&[])?);
+                    tch::no_grad(|| zeroed.into_iter().try_for_each(|mut v| v.f_zero_().map(|_| ())))?;
                     (noise, flair)
                 } else {
                     crate::memory_format::varstore_to_channels_last(&mut vs)?;
@@ -403,6 +408,19 @@ impl DenoiseStep<'_> {
         };
         Ok(s.step(&out, t, noise)?.0)
     }
+}
+
+/// Gives every all-zero variable of `vs` random values; returns those variables.
+fn randomize_zeroed(vs: &VarStore) -> Result<Vec<Tensor>> {
+    let _g = tch::no_grad_guard();
+    let mut zeroed = Vec::new();
+    for (_, mut v) in vs.variables() {
+        if v.numel() > 0 && v.f_abs()?.f_max()?.f_double_value(&[])? == 0.0 {
+            v.f_copy_(&(Tensor::f_randn(v.size(), (v.kind(), v.device()))? * 0.05))?;
+            zeroed.push(v);
+        }
+    }
+    Ok(zeroed)
 }
 
 /// A scratch folder, removed however the run ends.
