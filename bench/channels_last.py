@@ -7,7 +7,9 @@ For each config and precision it runs `medgen bench denoise-step` with and witho
 in separate processes (round 1 default layout first, round 2 channels-last first, ...), and prints one table row:
 min and median step time of each layout over all timed reps, their ratio (default / channels-last: above 1 means
 channels-last is faster) and the largest output difference the channels-last runs report against the default
-layout on the same weights. The load average before and after is printed, since the machine may be shared.
+layout on the same weights. Each is given for the wall time and for the process's CPU time per step: on a machine
+shared with other work, the wall time also counts the waits for a core, and a `--threads 1` run's CPU time is the
+steadier measure of the work itself. The load average before and after is printed.
 """
 import argparse
 import json
@@ -53,6 +55,7 @@ def main():
         cfg = CONFIGS[name]
         for precision in a.precision:
             times = {False: [], True: []}
+            cpu = {False: [], True: []}
             diffs = []
             for r in range(a.rounds):
                 order = (False, True) if r % 2 == 0 else (True, False)
@@ -61,19 +64,23 @@ def main():
                     rec["load_after"] = os.getloadavg()
                     records.append(rec)
                     times[cl] += rec["times_s"]
+                    cpu[cl] += rec["cpu_times_s"]
                     if cl:
                         diffs.append(rec["channels_last_max_abs_diff"])
                     print(f"{name} {precision} {'channels-last' if cl else 'contiguous'} round {r}: "
                           f"{[round(t * 1e3, 1) for t in rec['times_s']]} ms, load {rec['load_after'][0]:.1f}",
                           file=sys.stderr, flush=True)
-            ms = {cl: (min(t) * 1e3, statistics.median(t) * 1e3) for cl, t in times.items()}
-            rows.append(f"| {name} | {precision} | {ms[False][0]:.1f} / {ms[False][1]:.1f} | "
-                        f"{ms[True][0]:.1f} / {ms[True][1]:.1f} | {ms[False][0] / ms[True][0]:.3f} / "
-                        f"{ms[False][1] / ms[True][1]:.3f} | {max(diffs):.3e} |")
+            cells = []
+            for measure in (times, cpu):
+                ms = {cl: (min(t) * 1e3, statistics.median(t) * 1e3) for cl, t in measure.items()}
+                cells.append(f"{ms[False][0]:.1f} / {ms[False][1]:.1f} | {ms[True][0]:.1f} / {ms[True][1]:.1f} | "
+                             f"{ms[False][0] / ms[True][0]:.3f} / {ms[False][1] / ms[True][1]:.3f}")
+            rows.append(f"| {name} | {precision} | {a.threads} | {' | '.join(cells)} | {max(diffs):.3e} |")
     print(f"load average after: {os.getloadavg()}", file=sys.stderr)
-    print("| config | precision | contiguous min / median ms | channels-last min / median ms | "
-          "ratio min / median | max abs diff |")
-    print("|---|---|---|---|---|---|")
+    print("| config | precision | threads | wall: contiguous min / median ms | wall: channels-last min / median ms | "
+          "wall ratio min / median | CPU: contiguous min / median ms | CPU: channels-last min / median ms | "
+          "CPU ratio min / median | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if a.out:
         Path(a.out).write_text(json.dumps(records, indent=1))
