@@ -6,8 +6,8 @@
 For each config and precision it runs `medgen bench denoise-step` with and without `--channels-last` ALTERNATELY,
 in separate processes (round 1 default layout first, round 2 channels-last first, ...), and prints one table row:
 min and median step time of each layout over all timed reps, their ratio (default / channels-last: above 1 means
-channels-last is faster) and the largest output difference the channels-last runs report against the default
-layout on the same weights. Each is given for the wall time and for the process's CPU time per step: on a machine
+channels-last is faster) and the largest differences the channels-last runs report against the default layout on
+the same weights (of the networks' guided output, and of the DDIM step's output). Each is given for the wall time and for the process's CPU time per step: on a machine
 shared with other work, the wall time also counts the waits for a core, and a `--threads 1` run's CPU time is the
 steadier measure of the work itself. The load average before and after is printed.
 """
@@ -66,7 +66,7 @@ def main():
                     times[cl] += rec["times_s"]
                     cpu[cl] += rec["cpu_times_s"]
                     if cl:
-                        diffs.append(rec["channels_last_max_abs_diff"])
+                        diffs.append((rec["channels_last_model_output_max_abs_diff"], rec["channels_last_max_abs_diff"]))
                     print(f"{name} {precision} {'channels-last' if cl else 'contiguous'} round {r}: "
                           f"{[round(t * 1e3, 1) for t in rec['times_s']]} ms, load {rec['load_after'][0]:.1f}",
                           file=sys.stderr, flush=True)
@@ -75,11 +75,11 @@ def main():
                 ms = {cl: (min(t) * 1e3, statistics.median(t) * 1e3) for cl, t in measure.items()}
                 cells.append(f"{ms[False][0]:.1f} / {ms[False][1]:.1f} | {ms[True][0]:.1f} / {ms[True][1]:.1f} | "
                              f"{ms[False][0] / ms[True][0]:.3f} / {ms[False][1] / ms[True][1]:.3f}")
-            rows.append(f"| {name} | {precision} | {a.threads} | {' | '.join(cells)} | {max(diffs):.3e} |")
+            rows.append(f"| {name} | {precision} | {a.threads} | {' | '.join(cells)} | {max(d[0] for d in diffs):.3e} / {max(d[1] for d in diffs):.3e} |")
     print(f"load average after: {os.getloadavg()}", file=sys.stderr)
     print("| config | precision | threads | wall: contiguous min / median ms | wall: channels-last min / median ms | "
           "wall ratio min / median | CPU: contiguous min / median ms | CPU: channels-last min / median ms | "
-          "CPU ratio min / median | max abs diff |")
+          "CPU ratio min / median | max abs diff: network output / step output |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if a.out:
