@@ -73,7 +73,7 @@ pub struct Args {
     /// `denoise-step`, `sample`: the networks' weights and the noise and control image in the channels-last (NHWC)
     /// layout. `denoise-step` also runs one step in the default layout first (untimed) and reports the largest
     /// differences of the step's output (`channels_last_max_abs_diff`) and of the networks' guided output
-    /// (`channels_last_model_output_max_abs_diff`).
+    /// (`channels_last_model_output_max_abs_diff`, beside that output's largest magnitude).
     #[arg(long)]
     channels_last: bool,
     /// `denoise-step`, `sample`: the networks' forward passes in float32 or under autocast.
@@ -273,7 +273,8 @@ pub fn run(a: Args) -> Result<()> {
                     let (noise, flair) = (to_channels_last(&noise)?, to_channels_last(&flair)?);
                     let nhwc = DenoiseStep { noise: &noise, flair: &flair, ..step }.run()?;
                     let diff = |a: &Tensor, b: &Tensor| a.f_sub(b)?.f_abs()?.f_max()?.f_double_value(&[]);
-                    channels_last_diff = Some((diff(&nhwc.0, &contiguous.0)?, diff(&nhwc.1, &contiguous.1)?));
+                    let scale = contiguous.0.f_abs()?.f_max()?.f_double_value(&[])?;
+                    channels_last_diff = Some((diff(&nhwc.0, &contiguous.0)?, diff(&nhwc.1, &contiguous.1)?, scale));
                     tch::no_grad(|| zeroed.into_iter().try_for_each(|mut v| v.f_zero_().map(|_| ())))?;
                     (noise, flair)
                 } else {
@@ -372,6 +373,7 @@ pub fn run(a: Args) -> Result<()> {
         "case": clap::ValueEnum::to_possible_value(&a.case).map(|v| v.get_name().to_string()), "impl": "medgen", "times_s": times, "cpu_times_s": cpu_times, "units_per_rep": units, "unit": unit,
         "peak_rss_mb": peak_rss_mb(), "import_rss_mb": start_rss, "channels_last_max_abs_diff": channels_last_diff.map(|d| d.1),
         "channels_last_model_output_max_abs_diff": channels_last_diff.map(|d| d.0),
+        "channels_last_model_output_max_abs": channels_last_diff.map(|d| d.2),
         "params": {"config": a.config, "ldm_config": a.ldm_config, "controlnet_config": a.controlnet_config,
                    "stage1_config": a.stage1_config, "naming": format!("{:?}", a.naming).to_lowercase(), "batch": b, "steps": a.steps, "n": a.n, "threads": a.threads,
                    "height": h, "width": w, "channels_last": a.channels_last,
