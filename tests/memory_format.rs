@@ -69,7 +69,10 @@ fn channels_last_weights_and_inputs_give_the_default_layouts_outputs() {
         // proj_out) would otherwise hide their own layout.
         let (mut four_d, mut to_convert) = (0, 0);
         tch::no_grad(|| {
-            for (_, mut v) in vs.variables() {
+            // In name order: the same values for every run (the map's order changes between processes).
+            let mut vars: Vec<_> = vs.variables().into_iter().collect();
+            vars.sort_by(|a, b| a.0.cmp(&b.0));
+            for (_, mut v) in vars {
                 four_d += usize::from(v.dim() == 4);
                 // 1x1 kernels, (out, in, 1, 1), are both layouts at once.
                 to_convert += usize::from(v.dim() == 4 && !is_channels_last(&v));
