@@ -8,7 +8,10 @@
 //! oneDNN (CPU) and cuDNN pick their NHWC kernels when an input or weight is channels-last, and
 //! the sums of those kernels may be ordered differently, so results agree to float rounding
 //! (not bit for bit) with the default layout. Whether that is faster depends on the machine:
-//! `medgen bench denoise-step --channels-last` measures it.
+//! `medgen bench denoise-step --channels-last` (and `bench/channels_last.py`) measures it. On the
+//! 2-core AVX-512 CPU this project was built on, the reference configs' denoising step was 7-10 %
+//! slower in fp32 and no faster under bf16 autocast, so sampling does not use it; a GPU (cuDNN's
+//! NHWC kernels, tensor cores) is where it is worth measuring again.
 use anyhow::{ensure, Context, Result};
 use tch::nn::VarStore;
 use tch::Tensor;
