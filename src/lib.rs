@@ -10,6 +10,7 @@ pub mod distributed;
 pub mod evaluate;
 pub mod generate;
 pub mod losses;
+pub mod memory_format;
 pub mod metrics;
 pub mod nets;
 pub mod panics;

@@ -5,6 +5,7 @@ use crate::amp::Precision;
 use crate::config::{self, model_params, read_json};
 use crate::data::preprocess::{self, Crop, Progress, Span, Split};
 use crate::generate::schedule_only;
+use crate::memory_format::to_channels_last;
 use crate::metrics::ssim::{ms_ssim_diversity, SsimConfig};
 use crate::nets::patch_discriminator::{PatchDiscriminator, PatchDiscriminatorConfig};
 use crate::nets::{AutoencoderKL, Conditioning, ControlNet, DiffusionModelUNet};
@@ -66,9 +67,6 @@ pub struct Args {
     /// einsum attention), so a like-for-like timing needs the same one on both sides.
     #[arg(long, value_enum, default_value_t = Naming::Generative)]
     naming: Naming,
-    /// denoise-step, sample: the networks' precision (autocast; the sampler stays fp32).
-    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
-    precision: Precision,
     /// sample: the sampler, on the LDM config's training schedule (`leading` spacing and no clipping for DDIM,
     /// as the reference; the multistep samplers' own defaults otherwise).
     #[arg(long, default_value = "ddim")]
@@ -77,6 +75,15 @@ pub struct Args {
     height: i64,
     #[arg(long, default_value_t = 224)]
     width: i64,
+    /// `denoise-step`, `sample`: the networks' weights and the noise and control image in the channels-last (NHWC)
+    /// layout. `denoise-step` also runs one step in the default layout first (untimed) and reports the largest
+    /// differences of the step's output (`channels_last_max_abs_diff`) and of the networks' guided output
+    /// (`channels_last_model_output_max_abs_diff`, beside that output's largest magnitude).
+    #[arg(long)]
+    channels_last: bool,
+    /// `denoise-step`, `sample`: the networks' forward passes in float32 or under autocast.
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    precision: Precision,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,6 +118,18 @@ fn status_mb(field: &str) -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+/// CPU time of all this process's threads, in seconds. On a machine shared with other work, a `--threads 1` run's
+/// CPU time per rep measures the work itself, where the wall time also counts the waits for a core.
+fn process_cpu_s() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec, which `ts` is, and reads nothing else.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return f64::NAN;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
 fn need<'a>(p: &'a Option<PathBuf>, flag: &str) -> Result<&'a Path> {
     p.as_deref().with_context(|| format!("this case needs {flag}"))
 }
@@ -127,8 +146,13 @@ pub fn run(a: Args) -> Result<()> {
     let dev = Device::Cpu;
     let (h, w, b) = (a.height, a.width, a.batch);
     ensure!(a.reps >= 1, "--reps must be at least 1");
+    ensure!(
+        matches!(a.case, Case::DenoiseStep | Case::Sample) || (!a.channels_last && a.precision == Precision::Fp32),
+        "--channels-last and --precision apply to denoise-step and sample only"
+    );
     let scratch = Scratch(std::env::temp_dir().join(format!("medgen-bench-{}", std::process::id())));
     let _guard_holder;
+    let mut channels_last_diff = None;
     let (mut rep, units, unit): (Rep, usize, &str) = match a.case {
         Case::AeklStep => {
             let path = need(&a.config, "--config")?;
@@ -209,7 +233,7 @@ pub fn run(a: Args) -> Result<()> {
         Case::DenoiseStep | Case::Sample => {
             let lp = need(&a.ldm_config, "--ldm-config")?;
             let cp = need(&a.controlnet_config, "--controlnet-config")?;
-            let vs = VarStore::new(dev);
+            let mut vs = VarStore::new(dev);
             let ucfg = config::unet_config(lp)?;
             let unet = DiffusionModelUNet::new(&(vs.root() / "unet"), &ucfg, a.naming.generation())?;
             let net = ControlNet::new(&(vs.root() / "cn"), &config::controlnet_config(cp)?, a.naming.generation())?;
@@ -226,71 +250,78 @@ pub fn run(a: Args) -> Result<()> {
             let ctx = ucfg.cross_attention_dim.map(|d| {
                 (Tensor::randn([1, 77, d], (Kind::Float, dev)), Tensor::randn([1, 77, d], (Kind::Float, dev)))
             });
+            // The reference's DDIM (denoise-step always; sample by default), or another sampler on the same
+            // training schedule.
             let train_cfg = config::scheduler_config(lp, SchedulerKind::Ddpm)?;
-            let kind = a.scheduler;
-            let sched_cfg = match kind {
-                SchedulerKind::Ddim => SchedulerConfig {
-                    clip_sample: Some(false),
-                    timestep_spacing: Some(TimestepSpacing::Leading),
-                    variance_type: None,
-                    ..train_cfg
-                },
-                _ => schedule_only(&train_cfg),
+            let sched_cfg = SchedulerConfig {
+                clip_sample: Some(false),
+                timestep_spacing: Some(TimestepSpacing::Leading),
+                variance_type: None,
+                ..train_cfg.clone()
             };
-            let precision = a.precision;
+            let kind = a.scheduler;
+            let sample_cfg = if kind == SchedulerKind::Ddim { sched_cfg.clone() } else { schedule_only(&train_cfg) };
             let steps = if a.case == Case::Sample { a.steps } else { 1 };
             let sample = a.case == Case::Sample;
             if sample {
                 ensure!(ae.is_some(), "sample needs --stage1-config");
             }
+            let precision = a.precision;
+            let (noise, flair) = if a.channels_last {
+                if !sample {
+                    // MONAI zero-initialises the output convolutions (the UNet's last one, the ControlNet's zero
+                    // convs): on these random weights the step's output would not depend on the networks at all.
+                    // They get random values for this check only, and their zeros back for the timed reps.
+                    let zeroed = randomize_zeroed(&vs)?;
+                    let step = DenoiseStep {
+                        unet: &unet,
+                        controlnet: &net,
+                        ctx: ctx.as_ref(),
+                        noise: &noise,
+                        flair: &flair,
+                        sched_cfg: &sched_cfg,
+                        precision,
+                    };
+                    let contiguous = step.run()?;
+                    crate::memory_format::varstore_to_channels_last(&mut vs)?;
+                    let (noise, flair) = (to_channels_last(&noise)?, to_channels_last(&flair)?);
+                    let nhwc = DenoiseStep { noise: &noise, flair: &flair, ..step }.run()?;
+                    let diff = |a: &Tensor, b: &Tensor| a.f_sub(b)?.f_abs()?.f_max()?.f_double_value(&[]);
+                    let scale = contiguous.0.f_abs()?.f_max()?.f_double_value(&[])?;
+                    channels_last_diff = Some((diff(&nhwc.0, &contiguous.0)?, diff(&nhwc.1, &contiguous.1)?, scale));
+                    tch::no_grad(|| zeroed.into_iter().try_for_each(|mut v| v.f_zero_().map(|_| ())))?;
+                    (noise, flair)
+                } else {
+                    crate::memory_format::varstore_to_channels_last(&mut vs)?;
+                    (to_channels_last(&noise)?, to_channels_last(&flair)?)
+                }
+            } else {
+                (noise, flair)
+            };
             _guard_holder = (vs, VarStore::new(dev));
             let rep = move || -> Result<()> {
-                let mut s = schedulers::build(if sample { kind } else { SchedulerKind::Ddim }, &sched_cfg)?;
-                s.set_timesteps(if sample { steps } else { 200 })?;
-                let text = match &ctx {
-                    Some((u, c)) => TextConditioning::Guided { uncond: u, cond: c, guidance_scale: 7.0 },
-                    None => TextConditioning::None,
-                };
-                let control = Control { controlnet: &net, cond: &flair, conditioning_scale: 1.0 };
                 if sample {
-                    let latent = sample_latent(
-                        &unet,
-                        Some(&control),
-                        s.as_mut(),
-                        &noise,
-                        &text,
-                        Precision::Fp32,
-                        &mut |_, _| {},
-                    )?;
+                    let mut s = schedulers::build(kind, &sample_cfg)?;
+                    s.set_timesteps(steps)?;
+                    let text = match &ctx {
+                        Some((u, c)) => TextConditioning::Guided { uncond: u, cond: c, guidance_scale: 7.0 },
+                        None => TextConditioning::None,
+                    };
+                    let control = Control { controlnet: &net, cond: &flair, conditioning_scale: 1.0 };
+                    let latent =
+                        sample_latent(&unet, Some(&control), s.as_mut(), &noise, &text, precision, &mut |_, _| {})?;
                     let _ = decode_latent(ae.as_ref().expect("checked"), &latent, 0.3, precision)?.clamp(0.0, 1.0);
                 } else {
-                    // One step of the sampler: a one-timestep schedule would change DDIM's stride, so
-                    // the first of the 200 steps is run by hand with the sampler's own pieces.
-                    let _g = tch::no_grad_guard();
-                    let t = s.timesteps()[0];
-                    let (x, context) = match &ctx {
-                        Some((u, c)) => (
-                            Tensor::cat(&[&noise, &noise], 0),
-                            Some(Tensor::cat(&[u.expand([b, 77, -1], false), c.expand([b, 77, -1], false)], 0)),
-                        ),
-                        None => (noise.shallow_clone(), None),
+                    let step = DenoiseStep {
+                        unet: &unet,
+                        controlnet: &net,
+                        ctx: ctx.as_ref(),
+                        noise: &noise,
+                        flair: &flair,
+                        sched_cfg: &sched_cfg,
+                        precision,
                     };
-                    let cond = if ctx.is_some() { Tensor::cat(&[&flair, &flair], 0) } else { flair.shallow_clone() };
-                    let ts = Tensor::from_slice(&[t]);
-                    let c = Conditioning { context: context.as_ref(), ..Default::default() };
-                    let out = {
-                        let _autocast = precision.autocast(dev);
-                        let res = net.forward(&x, &ts, &cond, 1.0, &c)?;
-                        unet.forward(&x, &ts, &res.conditioning(context.as_ref(), None))?
-                    };
-                    let out = out.f_to_kind(Kind::Float)?;
-                    let out = if ctx.is_some() {
-                        let hv = out.chunk(2, 0);
-                        &hv[0] + (&hv[1] - &hv[0]) * 7.0
-                    } else {
-                        out
-                    };
-                    let _ = s.step(&out, t, &noise)?;
+                    let _ = step.run()?;
                 }
                 Ok(())
             };
@@ -345,21 +376,89 @@ pub fn run(a: Args) -> Result<()> {
     for _ in 0..a.warmup {
         rep()?;
     }
-    let mut times = Vec::with_capacity(a.reps);
+    let (mut times, mut cpu_times) = (Vec::with_capacity(a.reps), Vec::with_capacity(a.reps));
     for _ in 0..a.reps {
-        let t = Instant::now();
+        let (t, cpu) = (Instant::now(), process_cpu_s());
         rep()?;
         times.push(t.elapsed().as_secs_f64());
+        cpu_times.push(process_cpu_s() - cpu);
     }
     let out = json!({
-        "case": clap::ValueEnum::to_possible_value(&a.case).map(|v| v.get_name().to_string()), "impl": "medgen", "times_s": times, "units_per_rep": units, "unit": unit,
-        "peak_rss_mb": peak_rss_mb(), "import_rss_mb": start_rss,
+        "case": clap::ValueEnum::to_possible_value(&a.case).map(|v| v.get_name().to_string()), "impl": "medgen", "times_s": times, "cpu_times_s": cpu_times, "units_per_rep": units, "unit": unit,
+        "peak_rss_mb": peak_rss_mb(), "import_rss_mb": start_rss, "channels_last_max_abs_diff": channels_last_diff.map(|d| d.1),
+        "channels_last_model_output_max_abs_diff": channels_last_diff.map(|d| d.0),
+        "channels_last_model_output_max_abs": channels_last_diff.map(|d| d.2),
         "params": {"config": a.config, "ldm_config": a.ldm_config, "controlnet_config": a.controlnet_config,
                    "stage1_config": a.stage1_config, "naming": format!("{:?}", a.naming).to_lowercase(), "batch": b, "steps": a.steps, "n": a.n, "threads": a.threads,
-                   "height": h, "width": w, "precision": a.precision, "scheduler": a.scheduler},
+                   "height": h, "width": w, "channels_last": a.channels_last, "precision": a.precision,
+                   "scheduler": a.scheduler},
     });
     println!("{out}");
     Ok(())
+}
+
+/// One step of the sampler as `sample_flair_to_t1w.py` runs it: ControlNet, UNet, guidance 7 where the UNet has
+/// a text context, then DDIM, under no_grad. A one-timestep schedule would change DDIM's stride, so the first of
+/// the 200 steps is run by hand with the sampler's own pieces.
+#[derive(Clone, Copy)]
+struct DenoiseStep<'a> {
+    unet: &'a DiffusionModelUNet,
+    controlnet: &'a ControlNet,
+    /// The unconditional and conditional contexts, `(1, 77, dim)`.
+    ctx: Option<&'a (Tensor, Tensor)>,
+    noise: &'a Tensor,
+    flair: &'a Tensor,
+    sched_cfg: &'a SchedulerConfig,
+    precision: Precision,
+}
+
+impl DenoiseStep<'_> {
+    /// The networks' (guided) output and the step's `prev_sample`.
+    fn run(&self) -> Result<(Tensor, Tensor)> {
+        let _g = tch::no_grad_guard();
+        let mut s = schedulers::build(SchedulerKind::Ddim, self.sched_cfg)?;
+        s.set_timesteps(200)?;
+        let t = s.timesteps()[0];
+        let (noise, flair) = (self.noise, self.flair);
+        let b = noise.size()[0];
+        let (x, context) = match self.ctx {
+            Some((u, c)) => (
+                Tensor::cat(&[noise, noise], 0),
+                Some(Tensor::cat(&[u.expand([b, 77, -1], false), c.expand([b, 77, -1], false)], 0)),
+            ),
+            None => (noise.shallow_clone(), None),
+        };
+        let cond = if self.ctx.is_some() { Tensor::cat(&[flair, flair], 0) } else { flair.shallow_clone() };
+        let ts = Tensor::from_slice(&[t]);
+        let c = Conditioning { context: context.as_ref(), ..Default::default() };
+        let out = {
+            let _autocast = self.precision.autocast(noise.device());
+            let res = self.controlnet.forward(&x, &ts, &cond, 1.0, &c)?;
+            self.unet.forward(&x, &ts, &res.conditioning(context.as_ref(), None))?
+        };
+        let out = out.f_to_kind(Kind::Float)?;
+        let out = if self.ctx.is_some() {
+            let hv = out.chunk(2, 0);
+            &hv[0] + (&hv[1] - &hv[0]) * 7.0
+        } else {
+            out
+        };
+        let prev = s.step(&out, t, noise)?.0;
+        Ok((out, prev))
+    }
+}
+
+/// Gives every all-zero variable of `vs` random values; returns those variables.
+fn randomize_zeroed(vs: &VarStore) -> Result<Vec<Tensor>> {
+    let _g = tch::no_grad_guard();
+    let mut zeroed = Vec::new();
+    for (_, mut v) in vs.variables() {
+        if v.numel() > 0 && v.f_abs()?.f_max()?.f_double_value(&[])? == 0.0 {
+            v.f_copy_(&(Tensor::f_randn(v.size(), (v.kind(), v.device()))? * 0.05))?;
+            zeroed.push(v);
+        }
+    }
+    Ok(zeroed)
 }
 
 /// A scratch folder, removed however the run ends.
