@@ -202,7 +202,7 @@ def main():
         "FLAIR->T1w: PSNR / MAE / MS-SSIM against the real T1w (mean over the slices), FID / KID (Inception) of the "
         "translations against the real T1w; LDM: FID / KID of %d unconditional samples against the real T1w. "
         "Seconds per image: sampling and decoding (models loaded once), %s." % (
-            rows[0].get("timing", "at batch %d while the metrics were computed" % a.batch_size)), "",
+            a.n, rows[0].get("timing", "at batch %d while the metrics were computed" % a.batch_size)), "",
         "Reference run-to-run spread (DDIM 200 fp32, seeds 0, %s): FLAIR->T1w FID %.1f-%.1f, KID %.4f-%.4f; "
         "LDM FID %.1f-%.1f, KID %.4f-%.4f; PSNR %.2f-%.2f, MS-SSIM %.4f-%.4f." % (
             a.spread_seeds, *spread(ref_runs, "f2t_fid"), *spread(ref_runs, "f2t_kid"), *spread(ref_runs, "t1w_fid"),
@@ -232,8 +232,8 @@ def plot(rows, path, label):
     for ax, key, name in zip(axes, ("psnr", "ms_ssim", "f2t_fid"), ("PSNR (dB)", "MS-SSIM", "FID (Inception)")):
         for kind in ("ddim", "dpm-solver++", "unipc"):
             for precision, fill in (("fp32", "full"), ("bf16", "none")):
-                pts = sorted((r["f2t_s_per_image"], r[key], r["steps"]) for r in rows
-                             if r["sampler"] == kind and r["precision"] == precision)
+                pts = sorted(((r["f2t_s_per_image"], r[key], r["steps"]) for r in rows
+                              if r["sampler"] == kind and r["precision"] == precision), key=lambda p: p[2])
                 if not pts:
                     continue
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[kind], fillstyle=fill,
