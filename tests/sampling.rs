@@ -66,7 +66,8 @@ impl Case {
             &mut |_, _| steps += 1,
         )
         .unwrap();
-        let image = decode_latent(&self.aekl.model, &latent, self.scale_factor, precision).unwrap();
+        // As `medgen sample`: the decoder in float32 whatever the networks' precision.
+        let image = decode_latent(&self.aekl.model, &latent, self.scale_factor, Precision::Fp32).unwrap();
         (latent, image, steps)
     }
 }

@@ -310,7 +310,8 @@ pub fn run(a: Args) -> Result<()> {
                     let control = Control { controlnet: &net, cond: &flair, conditioning_scale: 1.0 };
                     let latent =
                         sample_latent(&unet, Some(&control), s.as_mut(), &noise, &text, precision, &mut |_, _| {})?;
-                    let _ = decode_latent(ae.as_ref().expect("checked"), &latent, 0.3, precision)?.clamp(0.0, 1.0);
+                    let _ =
+                        decode_latent(ae.as_ref().expect("checked"), &latent, 0.3, Precision::Fp32)?.clamp(0.0, 1.0);
                 } else {
                     let step = DenoiseStep {
                         unet: &unet,

@@ -57,7 +57,7 @@ struct Common {
     reference_sampling: bool,
     /// The networks' precision (default: the config's `sampling.precision`, else fp32, the parity setting; fp32
     /// with --reference-sampling): bf16 (autocast; CPUs with AVX512-BF16/AMX, recent GPUs) or fp16 (autocast; GPUs).
-    /// The initial noise, the guidance and the sampler stay in float32.
+    /// The initial noise, the guidance, the sampler and the decoder stay in float32.
     #[arg(long, value_enum)]
     precision: Option<Precision>,
     /// Sample a lone image as a pair with itself (twice the work) so that it equals, bit for bit, its copy from a
