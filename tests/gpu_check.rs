@@ -70,6 +70,7 @@ fn without_cuda_the_cpu_halves_run_and_every_cuda_check_says_it_was_skipped() {
         "train controlnet fp16",
         "train controlnet bf16",
         "sample flair-to-t1w",
+        "sample flair-to-t1w, dpm-solver++ bf16",
         "FID features",
         "2-rank step (gloo) = 1 rank on the concatenated batch",
         "process group (gloo): all-reduce, barrier, leave; joined twice",
@@ -96,7 +97,11 @@ fn without_cuda_the_cpu_halves_run_and_every_cuda_check_says_it_was_skipped() {
             "{name}:\n{text}"
         );
     }
-    for name in ["sample flair-to-t1w: cuda vs cpu PNGs", "FID features (InceptionV3 TorchScript, fp32): cuda vs cpu"] {
+    for name in [
+        "sample flair-to-t1w: cuda vs cpu PNGs",
+        "sample flair-to-t1w, dpm-solver++ bf16: cuda vs cpu PNGs",
+        "FID features (InceptionV3 TorchScript, fp32): cuda vs cpu",
+    ] {
         assert!(cuda.iter().any(|r| r[0] == name && r[3] == "SKIPPED: no CUDA"), "{name}:\n{text}");
     }
     for name in [
