@@ -57,6 +57,15 @@ def sampler_args(kind, steps):
     return ["--scheduler", kind, "--steps", str(steps)]
 
 
+def model_args(a):
+    """The three stages' config and weights arguments of `medgen sample`."""
+    c, r = a.configs, a.runs
+    return (["--stage1-config", f"{c}/aekl.json", "--stage1-weights", f"{r}/aekl/final_model.safetensors"],
+            ["--ldm-config", f"{c}/ldm.json", "--ldm-weights", f"{r}/ldm/final_model.safetensors"],
+            ["--controlnet-config", f"{c}/controlnet.json",
+             "--controlnet-weights", f"{r}/controlnet/final_model.safetensors"])
+
+
 def one(a, setting, seed, tag):
     kind, steps, precision = setting.split(":")
     steps = int(steps)
@@ -66,11 +75,7 @@ def one(a, setting, seed, tag):
         return json.load(open(res_path))
     os.makedirs(d, exist_ok=True)
     log = os.path.join(d, "log.txt")
-    c, r = a.configs, a.runs
-    stage1 = ["--stage1-config", f"{c}/aekl.json", "--stage1-weights", f"{r}/aekl/final_model.safetensors"]
-    ldm = ["--ldm-config", f"{c}/ldm.json", "--ldm-weights", f"{r}/ldm/final_model.safetensors"]
-    cn = ["--controlnet-config", f"{c}/controlnet.json",
-          "--controlnet-weights", f"{r}/controlnet/final_model.safetensors"]
+    stage1, ldm, cn = model_args(a)
     common = ["--device", "cpu", "--precision", precision, "--batch-size", str(a.batch_size)] + sampler_args(kind, steps)
     f2t, t1w, ev = os.path.join(d, "flair_to_t1w"), os.path.join(d, "t1w"), os.path.join(d, "eval")
     out = run([a.medgen, "sample", "flair-to-t1w", *stage1, *ldm, *cn, *common, "--input", a.list,
@@ -110,11 +115,7 @@ def retime(a, setting, res, res_path):
     d = os.path.join(a.out, "timing")
     log = os.path.join(d, "log.txt")
     os.makedirs(d, exist_ok=True)
-    c, r = a.configs, a.runs
-    stage1 = ["--stage1-config", f"{c}/aekl.json", "--stage1-weights", f"{r}/aekl/final_model.safetensors"]
-    ldm = ["--ldm-config", f"{c}/ldm.json", "--ldm-weights", f"{r}/ldm/final_model.safetensors"]
-    cn = ["--controlnet-config", f"{c}/controlnet.json",
-          "--controlnet-weights", f"{r}/controlnet/final_model.safetensors"]
+    stage1, ldm, cn = model_args(a)
     common = ["--device", "cpu", "--precision", precision, "--batch-size", str(a.time_n)] + sampler_args(kind, int(steps))
     best = {}
     for _ in range(a.time_reps):

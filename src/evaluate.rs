@@ -82,7 +82,7 @@ pub fn reconstruction_ms_ssim(
             let _autocast = precision.autocast(device);
             tch::no_grad(|| ae.reconstruct(&x))?
         };
-        let recon = if recon.kind() == Kind::Float { recon } else { recon.f_to_kind(Kind::Float)? };
+        let recon = recon.f_to_kind(Kind::Float)?;
         let col = |t: Tensor| Vec::<f64>::try_from(t.to_kind(Kind::Double).flatten(0, -1));
         let s = col(ms_ssim(&x, &recon, &cfg)?)?;
         // Not in the reference: PSNR and MAE of the (clipped, as saved) reconstruction, the bound

@@ -56,17 +56,21 @@ impl SamplingSection {
         match (&self.scheduler_kind, &self.scheduler) {
             (Some(_), Some(_)) => config::sampling_scheduler(config),
             (None, None) => {
-                let train = config::scheduler_config(config, SchedulerKind::Ddpm)?;
-                let cfg = SchedulerConfig {
-                    clip_sample: Some(false),
-                    timestep_spacing: Some(crate::schedulers::TimestepSpacing::Leading),
-                    variance_type: None,
-                    ..train
-                };
-                Ok((SchedulerKind::Ddim, cfg))
+                Ok((SchedulerKind::Ddim, reference_ddim(config::scheduler_config(config, SchedulerKind::Ddpm)?)))
             }
             _ => bail!("{}: `sampling` needs both scheduler_kind and scheduler, or neither", config.display()),
         }
+    }
+}
+
+/// The reference sampling scripts' DDIM on a training schedule: `clip_sample` off and
+/// monai-generative's `leading` spacing (200 steps run as 995, 990, ..., 0).
+pub fn reference_ddim(train: SchedulerConfig) -> SchedulerConfig {
+    SchedulerConfig {
+        clip_sample: Some(false),
+        timestep_spacing: Some(crate::schedulers::TimestepSpacing::Leading),
+        variance_type: None,
+        ..train
     }
 }
 

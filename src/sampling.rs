@@ -114,7 +114,7 @@ fn predict(
             )?,
         }
     };
-    let output = if output.kind() == Kind::Float { output } else { output.f_to_kind(Kind::Float)? };
+    let output = output.f_to_kind(Kind::Float)?;
     Ok(match guidance {
         Some(g) => {
             let halves = output.chunk(2, 0);
@@ -176,5 +176,5 @@ pub fn decode_latent(
         let _autocast = precision.autocast(latent.device());
         autoencoder.decode_stage_2_outputs(&(latent / scale_factor))?
     };
-    Ok(if image.kind() == Kind::Float { image } else { image.f_to_kind(Kind::Float)? })
+    image.f_to_kind(Kind::Float).map_err(Into::into)
 }

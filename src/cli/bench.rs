@@ -4,13 +4,13 @@
 use crate::amp::Precision;
 use crate::config::{self, model_params, read_json};
 use crate::data::preprocess::{self, Crop, Progress, Span, Split};
-use crate::generate::schedule_only;
+use crate::generate::{reference_ddim, schedule_only};
 use crate::memory_format::to_channels_last;
 use crate::metrics::ssim::{ms_ssim_diversity, SsimConfig};
 use crate::nets::patch_discriminator::{PatchDiscriminator, PatchDiscriminatorConfig};
 use crate::nets::{AutoencoderKL, Conditioning, ControlNet, DiffusionModelUNet};
 use crate::sampling::{decode_latent, sample_latent, Control, TextConditioning};
-use crate::schedulers::{self, NoiseSchedule, SchedulerConfig, SchedulerKind, TimestepSpacing};
+use crate::schedulers::{self, NoiseSchedule, SchedulerConfig, SchedulerKind};
 use crate::train::aekl::{aekl_step, AeklLossWeights, AeklModels, AeklOptimizers};
 use crate::train::diffusion::{diffusion_loss, diffusion_step, ControlInput};
 use crate::train::grad_scaler::GradScaler;
@@ -253,12 +253,7 @@ pub fn run(a: Args) -> Result<()> {
             // The reference's DDIM (denoise-step always; sample by default), or another sampler on the same
             // training schedule.
             let train_cfg = config::scheduler_config(lp, SchedulerKind::Ddpm)?;
-            let sched_cfg = SchedulerConfig {
-                clip_sample: Some(false),
-                timestep_spacing: Some(TimestepSpacing::Leading),
-                variance_type: None,
-                ..train_cfg.clone()
-            };
+            let sched_cfg = reference_ddim(train_cfg.clone());
             let kind = a.scheduler;
             let sample_cfg = if kind == SchedulerKind::Ddim { sched_cfg.clone() } else { schedule_only(&train_cfg) };
             let steps = if a.case == Case::Sample { a.steps } else { 1 };

@@ -296,11 +296,10 @@ impl ControlNet {
         conditioning_scale: f64,
         cond: &Conditioning,
     ) -> Result<ControlNetOutput> {
-        // x, timesteps and the context are checked first, as before the split.
-        self.encoder.prepare_inputs("ControlNet", x, timesteps, cond)?;
+        let context = self.prepare_inputs(x, timesteps, cond)?;
         self.check_cond(x, controlnet_cond)?;
         let embedded = self.embed_condition(controlnet_cond)?;
-        self.forward_embedded(x, timesteps, &embedded, conditioning_scale, cond)
+        self.forward_from(x, timesteps, &embedded, conditioning_scale, cond, context.as_ref())
     }
 
     /// The control image through `controlnet_cond_embedding`: `(batch, first UNet width, h, w)`
@@ -325,13 +324,7 @@ impl ControlNet {
         conditioning_scale: f64,
         cond: &Conditioning,
     ) -> Result<ControlNetOutput> {
-        let enc = &self.encoder;
-        ensure!(
-            cond.down_block_additional_residuals.is_none() && cond.mid_block_additional_residual.is_none(),
-            "ControlNet takes no additional residuals"
-        );
-        let context = enc.prepare_inputs("ControlNet", x, timesteps, cond)?;
-        let context = context.as_ref();
+        let context = self.prepare_inputs(x, timesteps, cond)?;
         let (xs, es) = (x.size(), embedded_cond.size());
         let width = self.config.channels[0];
         ensure!(
@@ -340,6 +333,30 @@ impl ControlNet {
             xs[0],
             &xs[2..]
         );
+        self.forward_from(x, timesteps, embedded_cond, conditioning_scale, cond, context.as_ref())
+    }
+
+    /// The checks both forwards start with (residual fields empty; x, timesteps, context), and
+    /// the context as the blocks take it.
+    fn prepare_inputs(&self, x: &Tensor, timesteps: &Tensor, cond: &Conditioning) -> Result<Option<Tensor>> {
+        ensure!(
+            cond.down_block_additional_residuals.is_none() && cond.mid_block_additional_residual.is_none(),
+            "ControlNet takes no additional residuals"
+        );
+        self.encoder.prepare_inputs("ControlNet", x, timesteps, cond)
+    }
+
+    /// The network from the embedded control image on, its inputs checked.
+    fn forward_from(
+        &self,
+        x: &Tensor,
+        timesteps: &Tensor,
+        embedded_cond: &Tensor,
+        conditioning_scale: f64,
+        cond: &Conditioning,
+        context: Option<&Tensor>,
+    ) -> Result<ControlNetOutput> {
+        let enc = &self.encoder;
         let emb = enc.embedding(x, timesteps, cond.class_labels)?;
         let h = enc.conv_in(x) + embedded_cond;
         let (h, skips) = enc.down(h, &emb, context, false);
