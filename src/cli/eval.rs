@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 pub struct Args {
     #[command(subcommand)]
     task: Task,
-    /// Reproducible CUDA runs: deterministic cuDNN, no cuDNN benchmarking, no TF32 (see README).
+    /// Reproducible CUDA runs: deterministic cuDNN, no cuDNN benchmarking, no TF32 (see docs/training.md).
     #[arg(long, global = true)]
     deterministic: bool,
 }

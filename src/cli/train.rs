@@ -61,7 +61,7 @@ pub struct Args {
     /// for the other processes at the rendezvous and in any collective before failing.
     #[arg(long, default_value_t = 300.0)]
     dist_timeout: f64,
-    /// Reproducible CUDA runs: deterministic cuDNN, no cuDNN benchmarking, no TF32 (see README).
+    /// Reproducible CUDA runs: deterministic cuDNN, no cuDNN benchmarking, no TF32 (see docs/training.md).
     #[arg(long)]
     deterministic: bool,
 }
