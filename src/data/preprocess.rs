@@ -11,7 +11,7 @@ use image::codecs::png::PngEncoder;
 use image::{ExtendedColorType, ImageEncoder};
 use ndarray::{s, Array3};
 use rayon::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fmt;
 use std::io::Write;
@@ -27,7 +27,7 @@ pub const SUMMARY_FILE: &str = "preprocess_summary.json";
 pub const LIST_FILES: [&str; 3] = ["train.tsv", "validation.tsv", "test.tsv"];
 
 /// A half-open voxel index range `start..end` along one axis (`start:end` on the command line).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Span {
     pub start: usize,
     pub end: usize,
@@ -64,7 +64,7 @@ impl fmt::Display for Span {
 
 /// The crop `[rows, cols, slices]` of every volume. Rows (array axis 0) become the PNG's height,
 /// cols (axis 1) its width; one PNG per index of `slices` (axis 2).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Crop {
     pub rows: Span,
     pub cols: Span,
@@ -85,12 +85,34 @@ impl Crop {
         Ok(Crop { rows: r.parse()?, cols: c.parse()?, slices })
     }
 
+    /// The in-plane box as `Crop::parse` reads it: `R0:R1,C0:C1`.
+    pub fn in_plane(&self) -> String {
+        format!("{},{}", self.rows, self.cols)
+    }
+
+    /// The crop `medgen preprocess` cut the PNGs of a data directory with, from the summary it
+    /// wrote there; `None` for a directory without one (lists made by hand).
+    pub fn of_data(dir: &Path) -> Result<Option<Crop>> {
+        let path = dir.join(SUMMARY_FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let summary: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+        let crop: Crop = serde_json::from_value(summary.get("crop").cloned().unwrap_or_default())
+            .with_context(|| format!("{}: no valid `crop`", path.display()))?;
+        let spans = [crop.rows, crop.cols, crop.slices];
+        ensure!(spans.iter().all(|s| !s.is_empty()), "{}: an empty range in the crop {crop}", path.display());
+        Ok(Some(crop))
+    }
+
     /// The smallest volume shape the crop fits in.
     pub fn min_shape(&self) -> [usize; 3] {
         [self.rows.end, self.cols.end, self.slices.end]
     }
 
-    fn fits(&self, shape: [usize; 3]) -> bool {
+    pub fn fits(&self, shape: [usize; 3]) -> bool {
         shape.iter().zip(self.min_shape()).all(|(&have, need)| have >= need)
     }
 }
@@ -580,7 +602,7 @@ pub fn normalize(data: &Array3<f64>, crop: &Crop) -> Result<Array3<u8>, (SkipKin
 }
 
 /// [`normalize`] of the crop's slices alone (`slab[:, :, 0]` is slice `crop.slices.start`).
-fn normalize_slab(slab: ndarray::ArrayView3<f64>, crop: &Crop) -> Result<Array3<u8>, (SkipKind, String)> {
+pub fn normalize_slab(slab: ndarray::ArrayView3<f64>, crop: &Crop) -> Result<Array3<u8>, (SkipKind, String)> {
     let x = slab.slice(s![crop.rows.start..crop.rows.end, crop.cols.start..crop.cols.end, ..]).mapv(|v| v as f32);
     let (mut lo, mut hi, mut bad) = (f32::INFINITY, f32::NEG_INFINITY, 0usize);
     let mut first_bad = None;
