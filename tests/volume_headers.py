@@ -47,6 +47,12 @@ def write(root):
     anat = root / "bids" / "sub-01" / "ses-1" / "anat"
     save(volume(1, 900), anat / "sub-01_ses-1_FLAIR.nii.gz")
     save(volume(2, -500), anat / "sub-01_ses-1_T1w.nii.gz")
+    # Zero above slice 8 (a zero-padded or skull-stripped scan) for `preprocess`'s blank-slice report.
+    blank = root / "bids_blank" / "sub-02" / "ses-1" / "anat"
+    for contrast, seed in [("FLAIR", 7), ("T1w", 8)]:
+        v = volume(seed, 900)
+        v[:, :, 8:] = 0
+        save(v, blank / f"sub-02_ses-1_{contrast}.nii.gz")
     bad = root / "bad"
     bad.mkdir(parents=True, exist_ok=True)
     nan = volume(3, 900).astype(np.float32)

@@ -280,3 +280,31 @@ fn bad_volumes_are_one_clear_error_and_write_nothing() {
     ok(sample(&t.models, &t.flair, &single, &crop));
     assert!(read_volume(&single).unwrap().data == read_volume(&written[0]).unwrap().data);
 }
+
+#[test]
+fn preprocess_reports_uniform_slices_of_a_wide_range() {
+    let t = setup();
+    let png = t.dir.join("png_blank");
+    let log = ok(medgen(&[
+        "preprocess",
+        "--input",
+        s(&t.dir.join("bids_blank")),
+        "--output",
+        s(&png),
+        "--crop",
+        CROP,
+        "--slices",
+        "3:12",
+        "--split",
+        "1,0",
+    ]));
+    assert!(log.contains("note: 4 slice pairs in 1 volumes are uniform"), "{log}");
+    let sum: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(png.join("preprocess_summary.json")).unwrap()).unwrap();
+    assert_eq!(sum["counts"]["blank_slices"], 4, "{sum}");
+    let blank = &sum["blank_slices"][0];
+    assert!(blank["path"].as_str().unwrap().ends_with("sub-02_ses-1_T1w.nii.gz"), "{sum}");
+    // Slices 8, 9, 10, 11 of the volume are zero: 5..9 of the PNGs, and they are still written and listed.
+    assert_eq!(blank["slices"], serde_json::json!([5, 6, 7, 8]), "{sum}");
+    assert_eq!(sum["counts"]["pngs_written"], 18);
+}
