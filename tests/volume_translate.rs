@@ -251,7 +251,7 @@ fn bad_volumes_are_one_clear_error_and_write_nothing() {
     ];
     let out_dir = t.dir.join("out");
     for (name, extra, expect) in cases {
-        let out = out_dir.join(format!("{name}"));
+        let out = out_dir.join(name);
         let o = sample(&t.models, &bad.join(name), &out, extra);
         assert_error(&o, expect);
         assert!(files_under(&out_dir).is_empty(), "{name}: files left: {:?}", files_under(&out_dir));

@@ -206,17 +206,20 @@ pub fn translate(a: &FlairArgs) -> Result<()> {
         }
     }
     let folder = a.input.is_dir();
-    if !folder || good.is_empty() {
+    if !folder {
         if let Some((_, e)) = failed.pop() {
-            for (path, e) in &failed {
-                eprintln!("skipped {}: {e:#}", path.display());
-            }
             return Err(e);
         }
     }
     for (path, e) in &failed {
         eprintln!("skipped {}: {e:#}", path.display());
     }
+    ensure!(
+        !good.is_empty(),
+        "none of the {} volumes in {} can be translated (see the `skipped` lines above)",
+        failed.len(),
+        a.input.display()
+    );
     if folder {
         std::fs::create_dir_all(&c.output).with_context(|| format!("cannot create {}", c.output.display()))?;
     }
