@@ -64,6 +64,14 @@ pub fn run(a: Args) -> Result<()> {
         summary.volumes_per_second,
         summary.threads
     );
+    if c.blank_slices > 0 {
+        println!(
+            "note: {} slice pairs in {} volumes are uniform over the crop in T1w or FLAIR (outside the head?): \
+             written and listed all the same; see blank_slices in the summary, or narrow --slices",
+            c.blank_slices,
+            summary.blank_slices.len()
+        );
+    }
     for list in summary.lists.iter().flatten() {
         let missing = match list.missing_flair {
             0 => String::new(),

@@ -2,6 +2,7 @@
 //! (`sample_t1w.py`, `sample_flair_to_t1w.py`) with a seed per image and batches.
 use crate::amp::Precision;
 use crate::data::loader::{load_png, read_list, stack_images, PairRecord};
+use crate::data::preprocess::Span;
 use crate::device;
 use crate::generate::{save_png, ModelPaths, Models, Sampler, SamplerChoice, SamplingSection, Text};
 use crate::schedulers::{SchedulerConfig, SchedulerKind};
@@ -10,6 +11,8 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use tch::Tensor;
+
+mod volume;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -108,15 +111,24 @@ struct FlairArgs {
     controlnet_config: PathBuf,
     #[arg(long)]
     controlnet_weights: PathBuf,
-    /// A list with `t1w` and `flair` columns (e.g. data/png/test.tsv), or a folder of FLAIR PNGs.
+    /// A list with `t1w` and `flair` columns (e.g. data/png/test.tsv), or a folder of FLAIR PNGs; or a FLAIR
+    /// volume (`.nii`, `.nii.gz`) or a folder of them, translated whole into T1w volumes (docs/volumes.md).
     #[arg(long)]
     input: PathBuf,
-    /// At most this many images, from the top of the list (the reference: 1000).
-    #[arg(long, default_value_t = 1000)]
-    limit: usize,
-    /// Image i of the list is sampled with seed `seed + i`.
+    /// At most this many images, from the top of the list [default: 1000, as the reference]. Not for volumes.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Image i of the list is sampled with seed `seed + i`; for volumes, slice `S0 + i` of each volume.
     #[arg(long, default_value_t = 0)]
     seed: i64,
+    /// Volumes: the axial slices `S0:S1` (array axis 2) to translate [default: the range the weights record
+    /// from training, else the reference's 166:171].
+    #[arg(long)]
+    slices: Option<Span>,
+    /// Volumes: the in-plane crop `R0:R1,C0:C1` (array axes 0 and 1) the network sees [default: the crop the
+    /// weights record from training, else the reference's 16:176,16:240].
+    #[arg(long)]
+    crop: Option<String>,
     /// Only these rows of the list (0-based, comma-separated), e.g. to regenerate one image.
     #[arg(long, value_delimiter = ',')]
     rows: Option<Vec<usize>>,
@@ -364,10 +376,18 @@ fn output_name(r: &PairRecord) -> Result<String> {
 }
 
 fn flair_to_t1w(a: FlairArgs) -> Result<()> {
+    if volume::is_volume_input(&a.input)? {
+        return volume::translate(&a);
+    }
+    ensure!(
+        a.slices.is_none() && a.crop.is_none(),
+        "--slices and --crop apply to volume inputs (.nii, .nii.gz); {} is a list or a folder of PNGs",
+        a.input.display()
+    );
     let c = &a.common;
     let s = setup(c, Some((a.controlnet_config.clone(), a.controlnet_weights.clone())), 7.0)?;
     let records = flair_inputs(&a.input)?;
-    let n = records.len().min(a.limit);
+    let n = records.len().min(a.limit.unwrap_or(1000));
     let rows: Vec<usize> = match &a.rows {
         Some(r) => {
             for &i in r {

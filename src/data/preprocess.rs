@@ -11,7 +11,7 @@ use image::codecs::png::PngEncoder;
 use image::{ExtendedColorType, ImageEncoder};
 use ndarray::{s, Array3};
 use rayon::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fmt;
 use std::io::Write;
@@ -27,7 +27,7 @@ pub const SUMMARY_FILE: &str = "preprocess_summary.json";
 pub const LIST_FILES: [&str; 3] = ["train.tsv", "validation.tsv", "test.tsv"];
 
 /// A half-open voxel index range `start..end` along one axis (`start:end` on the command line).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Span {
     pub start: usize,
     pub end: usize,
@@ -64,7 +64,7 @@ impl fmt::Display for Span {
 
 /// The crop `[rows, cols, slices]` of every volume. Rows (array axis 0) become the PNG's height,
 /// cols (axis 1) its width; one PNG per index of `slices` (axis 2).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Crop {
     pub rows: Span,
     pub cols: Span,
@@ -85,12 +85,34 @@ impl Crop {
         Ok(Crop { rows: r.parse()?, cols: c.parse()?, slices })
     }
 
+    /// The in-plane box as `Crop::parse` reads it: `R0:R1,C0:C1`.
+    pub fn in_plane(&self) -> String {
+        format!("{},{}", self.rows, self.cols)
+    }
+
+    /// The crop `medgen preprocess` cut the PNGs of a data directory with, from the summary it
+    /// wrote there; `None` for a directory without one (lists made by hand).
+    pub fn of_data(dir: &Path) -> Result<Option<Crop>> {
+        let path = dir.join(SUMMARY_FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let summary: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+        let crop: Crop = serde_json::from_value(summary.get("crop").cloned().unwrap_or_default())
+            .with_context(|| format!("{}: no valid `crop`", path.display()))?;
+        let spans = [crop.rows, crop.cols, crop.slices];
+        ensure!(spans.iter().all(|s| !s.is_empty()), "{}: an empty range in the crop {crop}", path.display());
+        Ok(Some(crop))
+    }
+
     /// The smallest volume shape the crop fits in.
     pub fn min_shape(&self) -> [usize; 3] {
         [self.rows.end, self.cols.end, self.slices.end]
     }
 
-    fn fits(&self, shape: [usize; 3]) -> bool {
+    pub fn fits(&self, shape: [usize; 3]) -> bool {
         shape.iter().zip(self.min_shape()).all(|(&have, need)| have >= need)
     }
 }
@@ -233,7 +255,8 @@ impl Job {
 /// What became of one volume.
 #[derive(Clone, Debug)]
 enum Outcome {
-    Processed,
+    /// Written; the crop's slice indices (0-based) uniform in T1w or FLAIR.
+    Processed(Vec<usize>),
     /// `--resume` found all its PNGs.
     Resumed,
     Skipped(Skip),
@@ -260,6 +283,18 @@ pub struct Counts {
     pub resumed: usize,
     pub skipped: usize,
     pub pngs_written: usize,
+    /// Slice pairs written whose T1w or FLAIR is uniform over the crop (`Summary::blank_slices`).
+    pub blank_slices: usize,
+}
+
+/// The slices of one volume that are uniform over the crop in its T1w or its FLAIR: outside the head
+/// of a skull-stripped or zero-padded volume, which a wide `--slices` range reaches. They are written
+/// (a list keeps every slice of a volume) and reported, never dropped silently.
+#[derive(Clone, Debug, Serialize)]
+pub struct BlankSlices {
+    pub path: PathBuf,
+    /// 0-based, as the PNG names number them.
+    pub slices: Vec<usize>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -286,6 +321,7 @@ pub struct Summary {
     pub processed: Vec<PathBuf>,
     pub resumed: Vec<PathBuf>,
     pub skipped: Vec<Skip>,
+    pub blank_slices: Vec<BlankSlices>,
     /// train, validation, test; absent when nothing usable was produced (the old lists are kept).
     pub lists: Option<Vec<ListSummary>>,
 }
@@ -339,10 +375,15 @@ pub fn run(opts: &Options, progress: &dyn Progress) -> Result<Summary> {
             .collect()
     });
 
-    let (mut processed, mut resumed) = (Vec::new(), Vec::new());
+    let (mut processed, mut resumed, mut blank_slices) = (Vec::new(), Vec::new(), Vec::new());
     for (job, outcome) in jobs.iter().zip(outcomes) {
         match outcome {
-            Outcome::Processed => processed.push(job.t1w.clone()),
+            Outcome::Processed(blank) => {
+                processed.push(job.t1w.clone());
+                if !blank.is_empty() {
+                    blank_slices.push(BlankSlices { path: job.t1w.clone(), slices: blank });
+                }
+            }
             Outcome::Resumed => resumed.push(job.t1w.clone()),
             Outcome::Skipped(skip) => skipped.push(skip),
         }
@@ -354,6 +395,7 @@ pub fn run(opts: &Options, progress: &dyn Progress) -> Result<Summary> {
         resumed: resumed.len(),
         skipped: skipped.len(),
         pngs_written: 2 * opts.crop.slices.len() * processed.len(),
+        blank_slices: blank_slices.iter().map(|b| b.slices.len()).sum(),
     };
     let mut summary = Summary {
         input,
@@ -368,6 +410,7 @@ pub fn run(opts: &Options, progress: &dyn Progress) -> Result<Summary> {
         processed,
         resumed,
         skipped,
+        blank_slices,
         lists: None,
     };
     // The summary is written even when the lists cannot be: it says what was extracted.
@@ -516,7 +559,7 @@ fn plan_one(input: &Path, output: &Path, crop: &Crop, t1w: &Path) -> Result<Job,
 /// `process`, with a panic in a decoder turned into a skip instead of ending the run.
 fn guarded(job: &Job, crop: &Crop) -> Outcome {
     let (kind, reason) = match crate::panics::catch(|| process(job, crop)) {
-        Ok(Ok(())) => return Outcome::Processed,
+        Ok(Ok(blank)) => return Outcome::Processed(blank),
         Ok(Err(e)) => e,
         Err(msg) => {
             (SkipKind::Unreadable, format!("reading {} or {} failed: {msg}", job.t1w.display(), job.flair.display()))
@@ -525,7 +568,7 @@ fn guarded(job: &Job, crop: &Crop) -> Outcome {
     Outcome::Skipped(Skip { path: job.t1w.clone(), kind, reason })
 }
 
-fn process(job: &Job, crop: &Crop) -> Result<(), (SkipKind, String)> {
+fn process(job: &Job, crop: &Crop) -> Result<Vec<usize>, (SkipKind, String)> {
     // Each volume is scaled before the next is read: only one float64 volume per thread in memory.
     let (t1w_shape, t1w) = load_scaled(&job.t1w, crop)?;
     let (flair_shape, flair) = load_scaled(&job.flair, crop)?;
@@ -543,7 +586,13 @@ fn process(job: &Job, crop: &Crop) -> Result<(), (SkipKind, String)> {
             let _ = std::fs::remove_file(png);
         }
         (SkipKind::WriteFailed, format!("{e:#}"))
-    })
+    })?;
+    let uniform = |x: &Array3<u8>, k: usize| {
+        let slice = x.slice(s![.., .., k]);
+        let first = slice.first().copied();
+        slice.iter().all(|&v| Some(v) == first)
+    };
+    Ok((0..t1w.dim().2).filter(|&k| uniform(&t1w, k) || uniform(&flair, k)).collect())
 }
 
 /// Reads the crop's slices of a volume (after checking the crop fits) and scales the crop
@@ -580,7 +629,7 @@ pub fn normalize(data: &Array3<f64>, crop: &Crop) -> Result<Array3<u8>, (SkipKin
 }
 
 /// [`normalize`] of the crop's slices alone (`slab[:, :, 0]` is slice `crop.slices.start`).
-fn normalize_slab(slab: ndarray::ArrayView3<f64>, crop: &Crop) -> Result<Array3<u8>, (SkipKind, String)> {
+pub fn normalize_slab(slab: ndarray::ArrayView3<f64>, crop: &Crop) -> Result<Array3<u8>, (SkipKind, String)> {
     let x = slab.slice(s![crop.rows.start..crop.rows.end, crop.cols.start..crop.cols.end, ..]).mapv(|v| v as f32);
     let (mut lo, mut hi, mut bad) = (f32::INFINITY, f32::NEG_INFINITY, 0usize);
     let mut first_bad = None;

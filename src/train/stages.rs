@@ -94,9 +94,36 @@ fn store_dict(vs: &VarStore) -> StateDict {
 /// Safetensors metadata key of the latent scale factor an LDM was trained with: the ControlNet
 /// stage and sampling must use the same one.
 pub const META_SCALE_FACTOR: &str = "medgen.scale_factor";
+/// Safetensors metadata keys of the crop the training PNGs were cut with (`medgen preprocess
+/// --crop` and `--slices`): whole-volume translation applies the same one.
+pub const META_CROP: &str = "medgen.crop";
+pub const META_SLICES: &str = "medgen.slices";
 
-fn save_weights(vs: &VarStore, path: &Path, stage: &str, cfg_json: &str, scale_factor: Option<f64>) -> Result<()> {
+/// What the weights record of the training data: its crop, when `medgen preprocess` wrote the
+/// data directory (its summary says); nothing for hand-made lists, and a note when the summary
+/// cannot be read (training goes on; sampling then falls back to the reference crop and says so).
+fn data_metadata(data: &Path) -> std::collections::BTreeMap<String, String> {
     let mut meta = std::collections::BTreeMap::new();
+    match crate::data::preprocess::Crop::of_data(data) {
+        Ok(Some(crop)) => {
+            meta.insert(META_CROP.to_string(), crop.in_plane());
+            meta.insert(META_SLICES.to_string(), crop.slices.to_string());
+        }
+        Ok(None) => {}
+        Err(e) => say!("note: the weights will record no training crop: {e:#}"),
+    }
+    meta
+}
+
+fn save_weights(
+    vs: &VarStore,
+    path: &Path,
+    stage: &str,
+    cfg_json: &str,
+    scale_factor: Option<f64>,
+    data_meta: &std::collections::BTreeMap<String, String>,
+) -> Result<()> {
+    let mut meta = data_meta.clone();
     if let Some(f) = scale_factor {
         meta.insert(META_SCALE_FACTOR.to_string(), format!("{f:?}"));
     }
@@ -113,6 +140,8 @@ struct Looper<'a> {
     settings: TrainSettings,
     stage: &'static str,
     cfg_json: String,
+    /// `data_metadata` of the run's data directory, for the weights files.
+    data_meta: std::collections::BTreeMap<String, String>,
     inputs: &'a TrainInputs,
     state: TrainState,
 }
@@ -122,7 +151,8 @@ impl<'a> Looper<'a> {
         let run = RunDir::create(&inputs.run)?;
         let settings = settings(cfg, &inputs.config)?;
         let state = TrainState { stage: stage.to_string(), ..Default::default() };
-        Ok(Self { run, settings, stage, cfg_json: cfg.to_string(), inputs, state })
+        let data_meta = data_metadata(&inputs.data);
+        Ok(Self { run, settings, stage, cfg_json: cfg.to_string(), data_meta, inputs, state })
     }
 
     /// Loads the checkpoint when resuming; `None` on a fresh start.
@@ -566,8 +596,8 @@ pub fn train_aekl(inputs: &TrainInputs) -> Result<()> {
             ("optim.d", od),
         ])
     };
-    let cfg_json = l.cfg_json.clone();
-    let weights = |p: &Path| save_weights(&ae_vs, p, "aekl", &cfg_json, None);
+    let (cfg_json, data_meta) = (l.cfg_json.clone(), l.data_meta.clone());
+    let weights = |p: &Path| save_weights(&ae_vs, p, "aekl", &cfg_json, None, &data_meta);
     run_epochs(&mut l, &loader, &mut step, &mut validate, &parts, &weights, &["loss", "l1", "p_loss", "d_loss"])
 }
 
@@ -800,8 +830,8 @@ fn train_diffusion(inputs: &TrainInputs, controlnet_stage: bool) -> Result<()> {
         scaler.save_state(&mut o, "scaler").context("saving the loss scaler")?;
         Ok(vec![("model.trained", store_dict(trained_vs)), ("optim", o)])
     };
-    let cfg_json = l.cfg_json.clone();
-    let weights = |p: &Path| save_weights(trained_vs, p, stage, &cfg_json, Some(scale_factor));
+    let (cfg_json, data_meta) = (l.cfg_json.clone(), l.data_meta.clone());
+    let weights = |p: &Path| save_weights(trained_vs, p, stage, &cfg_json, Some(scale_factor), &data_meta);
     run_epochs(&mut l, &loader, &mut step, &mut validate, &parts, &weights, &["loss"])
 }
 
