@@ -90,13 +90,22 @@ data: build
 
 # The three stages in order, each resumable (re-running continues or confirms a finished run).
 # NPROC=N trains each stage as one data-parallel job of N local processes (`medgen launch`).
+# DEVICE picks the device (default auto: CUDA when there is one). CONTEXT=FILE is the `medgen encode-prompt` context
+# a text-conditioned LDM/ControlNet needs (configs/reference: docs/reference-configs.md). TRAIN_DATA=DIR trains on
+# your own `medgen preprocess` output instead of `make data`'s synthetic set (which is then not built).
 NPROC ?= 1
-TRAIN = $(if $(filter-out 1,$(NPROC)),$(MEDGEN) launch --nproc $(NPROC) -- train,$(MEDGEN) train)
-train: data
-	$(TRAIN) aekl --config $(CONFIGS)/aekl.json --data $(DATA)/png --run $(RUNS)/aekl --resume
-	$(TRAIN) ldm --config $(CONFIGS)/ldm.json --data $(DATA)/png --run $(RUNS)/ldm --resume \
+CONTEXT ?=
+TRAIN_DATA ?=
+TRAIN = $(if $(filter-out 1,$(NPROC)),$(MEDGEN) launch --nproc $(NPROC) -- train,$(MEDGEN) train) --device $(DEVICE)
+TRAIN_PNG = $(or $(TRAIN_DATA),$(DATA)/png)
+CONTEXT_ARG = $(if $(CONTEXT),--context $(CONTEXT))
+train: $(if $(TRAIN_DATA),build,data)
+	@if [ -z "$(CONTEXT)" ] && grep -Eq '"with_conditioning": *true' $(CONFIGS)/ldm.json; then echo "make train:" \
+		"$(CONFIGS)/ldm.json is text-conditioned: give CONTEXT=<file from medgen encode-prompt> (README: Text conditioning)" >&2; exit 1; fi
+	$(TRAIN) aekl --config $(CONFIGS)/aekl.json --data $(TRAIN_PNG) --run $(RUNS)/aekl --resume
+	$(TRAIN) ldm --config $(CONFIGS)/ldm.json --data $(TRAIN_PNG) --run $(RUNS)/ldm --resume $(CONTEXT_ARG) \
 		--stage1-config $(CONFIGS)/aekl.json --stage1-weights $(RUNS)/aekl/final_model.safetensors
-	$(TRAIN) controlnet --config $(CONFIGS)/controlnet.json --data $(DATA)/png --run $(RUNS)/controlnet --resume \
+	$(TRAIN) controlnet --config $(CONFIGS)/controlnet.json --data $(TRAIN_PNG) --run $(RUNS)/controlnet --resume $(CONTEXT_ARG) \
 		--stage1-config $(CONFIGS)/aekl.json --stage1-weights $(RUNS)/aekl/final_model.safetensors \
 		--ldm-config $(CONFIGS)/ldm.json --ldm-weights $(RUNS)/ldm/final_model.safetensors
 

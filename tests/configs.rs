@@ -1,10 +1,18 @@
 //! The shipped configs parse into the models they describe, and bad model configs are refused
 //! with the reason (what MONAI raises, or would only hit deep inside a forward pass).
+use medgen::checkpoint::Generation;
 use medgen::config;
 use medgen::generate::{SamplerChoice, SamplingSection};
+use medgen::losses::perceptual::PerceptualLossConfig;
+use medgen::nets::lpips::LpipsNet;
+use medgen::nets::patch_discriminator::{PatchDiscriminator, PatchDiscriminatorConfig};
 use medgen::nets::PerLevel;
-use medgen::nets::{AutoencoderKL, AutoencoderKLConfig, ControlNetConfig, DiffusionModelUNetConfig};
+use medgen::nets::{
+    AutoencoderKL, AutoencoderKLConfig, ControlNet, ControlNetConfig, DiffusionModelUNet, DiffusionModelUNetConfig,
+};
 use medgen::schedulers::SchedulerKind;
+use medgen::train::aekl::AeklLossWeights;
+use medgen::train::run::TrainSettings;
 use std::path::PathBuf;
 
 fn cfg(name: &str) -> PathBuf {
@@ -31,13 +39,86 @@ fn reference_configs_parse() {
     config::aekl_config(&cfg("aekl_v0.json")).unwrap();
 }
 
+fn trainable_numel(vs: &tch::nn::VarStore) -> i64 {
+    vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
+}
+
+fn train_settings(root: &serde_json::Value, file: &str) -> TrainSettings {
+    serde_json::from_value(root["train"].clone()).unwrap_or_else(|e| panic!("{file}: `train`: {e}"))
+}
+
+/// configs/reference/ is the article's training as its scripts ran it (reference-repo.md §1.4, §2): the networks of
+/// the v0 configs, the .sh files' batches, epochs, validation cadence, adv_start and scale factor, and the learning
+/// rates. Each network is built (random weights, CPU) and has the reference's parameter count (§7.3).
+#[test]
+fn reference_training_configs() {
+    let f = |name: &str| cfg(&format!("reference/{name}"));
+    let root = |name: &str| config::read_json(&f(name)).unwrap();
+    // The networks are the v0 configs' exactly.
+    for (file, v0, section) in [
+        ("aekl.json", "aekl_v0.json", "stage1"),
+        ("ldm.json", "ldm_v0.json", "ldm"),
+        ("controlnet.json", "controlnet_v0.json", "controlnet"),
+    ] {
+        let (r, v) = (root(file), config::read_json(&cfg(v0)).unwrap());
+        assert_eq!(r[section]["params"], v[section]["params"], "{file}");
+        assert_eq!(r[section]["base_lr"], v[section]["base_lr"], "{file}");
+    }
+    let (a, l, c) = (root("aekl.json"), root("ldm.json"), root("controlnet.json"));
+    assert_eq!(a["stage1"], config::read_json(&cfg("aekl_v0.json")).unwrap()["stage1"]);
+    assert_eq!(a["discriminator"], config::read_json(&cfg("aekl_v0.json")).unwrap()["discriminator"]);
+    assert_eq!(l["ldm"]["scheduler"], c["ldm"]["scheduler"]);
+
+    let s = train_settings(&a, "aekl.json");
+    assert_eq!((s.batch_size, s.n_epochs, s.eval_freq, s.adv_start, s.seed), (256, 100, 5, 10, 42));
+    for (file, v, batch) in [("ldm.json", &l, 512), ("controlnet.json", &c, 384)] {
+        let s = train_settings(v, file);
+        assert_eq!((s.batch_size, s.n_epochs, s.eval_freq, s.seed), (batch, 150, 10, 42), "{file}");
+        assert_eq!((s.scale_factor, s.context_dropout), (Some(0.3), 0.1), "{file}");
+        assert_eq!(v["sampling"]["scale_factor"], 0.3, "{file}");
+    }
+    let w: AeklLossWeights = serde_json::from_value(a["stage1"].clone()).unwrap();
+    assert_eq!((w.perceptual_weight, w.adv_weight, w.kl_weight), (0.002, 0.005, 1e-8));
+    assert_eq!((a["stage1"]["base_lr"].as_f64(), a["stage1"]["disc_lr"].as_f64()), (Some(1e-5), Some(5e-5)));
+    // The perceptual loss names torchvision's SqueezeNet 1.1 checkpoint, which the user supplies.
+    let p: PerceptualLossConfig = serde_json::from_value(config::model_params(&a, "perceptual_network")).unwrap();
+    assert_eq!(p.network_type, LpipsNet::Squeeze);
+    let backbone = p.backbone_weights.expect("the reference perceptual loss needs its ImageNet trunk");
+    assert_eq!(backbone.file_name().unwrap(), LpipsNet::Squeeze.torchvision_file());
+
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    AutoencoderKL::new(&vs.root(), &config::aekl_config(&f("aekl.json")).unwrap(), Generation::Monai).unwrap();
+    assert_eq!(trainable_numel(&vs), 34_010_024);
+    let d: PatchDiscriminatorConfig = serde_json::from_value(config::model_params(&a, "discriminator")).unwrap();
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    PatchDiscriminator::new(&vs.root(), &d).unwrap();
+    assert_eq!(trainable_numel(&vs), 11_032_193);
+    let unet = config::unet_config(&f("ldm.json")).unwrap();
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    DiffusionModelUNet::new(&vs.root(), &unet, Generation::Monai).unwrap();
+    assert_eq!(trainable_numel(&vs), 263_636_995);
+    drop(vs);
+    let cn = config::controlnet_config(&f("controlnet.json")).unwrap();
+    cn.matches_unet(&unet).unwrap();
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    ControlNet::new(&vs.root(), &cn, Generation::Monai).unwrap();
+    assert_eq!(trainable_numel(&vs), 117_883_072);
+}
+
 /// reference-repo.md §4: the sampling scripts' DDIM (clip_sample=False, monai-generative's
 /// spacing) runs 200 steps as 995, 990, ..., 0 and never clips. It is what `--reference-sampling`
 /// gives for every config, whatever its `sampling` section's default.
 #[test]
 fn reference_sampling_scheduler() {
     let reference = SamplerChoice { reference: true, ..Default::default() };
-    for file in ["ldm_v0.json", "controlnet_v0.json", "demo/ldm.json", "demo/controlnet.json"] {
+    for file in [
+        "ldm_v0.json",
+        "controlnet_v0.json",
+        "demo/ldm.json",
+        "demo/controlnet.json",
+        "reference/ldm.json",
+        "reference/controlnet.json",
+    ] {
         let section = SamplingSection::of(&cfg(file)).unwrap();
         let (kind, s, steps) = section.resolve(&cfg(file), &reference).unwrap();
         assert_eq!((kind, steps), (SchedulerKind::Ddim, 200), "{file}");
