@@ -262,10 +262,13 @@ class LiveBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self._sweep()
+        # A view or an in-place result shares an input's storage: no new memory (the weights and the gradients
+        # that exist before the step are such inputs).
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 st = t.untyped_storage()
-                if st._cdata not in self.live:
+                if st._cdata not in self.live and st._cdata not in inputs:
                     self.live[st._cdata] = (StorageWeakRef(st), st.nbytes())
                     self.now += st.nbytes()
         self.peak = max(self.peak, self.now)
