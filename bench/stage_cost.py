@@ -25,6 +25,9 @@ and compares its resident-memory growth with the same prediction on CPU tensors.
 
     .venv/bin/python bench/stage_cost.py --set reference=configs/reference:175000 --set demo=configs/demo:800 \\
         --json bench/stage_cost.json --doc docs/reference-configs.md [--cpu-check 2]
+
+`--check docs/reference-configs.md` regenerates the doc's block (the sets it names) and exits 1 where it differs;
+`--check-memory SET:STAGE,...` limits the slow memory part to those rows (make test's subset).
 """
 import argparse
 import contextlib
@@ -50,12 +53,18 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 # The reference's image and text shapes (reference-repo.md §1.3, §3.4).
 IMAGE = (1, 160, 224)
 CONTEXT_TOKENS = 77
-# H100 SXM dense fp16/bf16 tensor-core peak (no sparsity), TFLOP/s; the estimate assumes this fraction of it.
+# H100 SXM dense fp16/bf16 tensor-core peak (no sparsity), TFLOP/s; the estimate assumes this fraction of it. The
+# low end is for the AutoencoderKL: at 128 channels a 3x3 convolution does 2304 FLOP per output value, while the
+# group norm and SiLU after it (fp32 under autocast) move about 22 bytes per value: 6.6 ps at 3.35 TB/s against
+# the convolution's 2.3 ps at the tensor cores' peak.
 H100_PEAK_TFLOPS = 989.4
-UTILISATION = (0.30, 0.40)
+UTILISATION = (0.20, 0.40)
 # Where the reference ran each stage (cluster/runai/training/*.sh): GPUs under DataParallel.
 REFERENCE_GPUS = {"aekl": 8, "ldm": 4, "controlnet": 4}
 GIB = 1024**3
+# What one process may plan to use of an 80 GB H100 (79.6 GiB on the card): the rest is for the CUDA context, cuDNN's
+# workspaces, the caching allocator's rounding and fragmentation and DDP's gradient buckets, none of them tracked.
+H100_PLAN_GIB = 72
 
 
 def read(path):
@@ -261,14 +270,23 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self._sweep()
+        # A view or an in-place result shares an input's storage: no new memory (the weights and the gradients
+        # that exist before the step are such inputs).
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        new = {}
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 st = t.untyped_storage()
-                if st._cdata not in self.live:
-                    self.live[st._cdata] = (StorageWeakRef(st), st.nbytes())
-                    self.now += st.nbytes()
-        self.peak = max(self.peak, self.now)
+                if st._cdata not in self.live and st._cdata not in inputs:
+                    new[st._cdata] = st
+        if new:
+            # The live total can only reach a new peak when something is allocated, so frees need to be found only
+            # then: sweeping after every op (views, in-place ops) gave the same peaks, slower.
+            self._sweep()
+            for key, st in new.items():
+                self.live[key] = (StorageWeakRef(st), st.nbytes())
+                self.now += st.nbytes()
+            self.peak = max(self.peak, self.now)
         return out
 
 
@@ -437,6 +455,39 @@ def flops_per_image(stage, cfgs, adversarial=True, text_encoder=False, batch=2):
     return counter.get_total_flops() / batch
 
 
+def param_counts(stage, cfgs):
+    """(trained, frozen) parameter counts of the stage."""
+    with FakeTensorMode():
+        _, trained, frozen = build_stage(stage, cfgs, "cpu")
+        # Frozen weights, and the trained stage's parameters that do not train (none in these nets).
+        return sum(count(m, True) for m in trained), sum(count(m) for m in frozen) + sum(count(m, False) for m in trained)
+
+
+def aekl_forward_by_hand(cfg):
+    """The AutoencoderKL's forward FLOPs (encode, sample, decode; one image) twice: by FlopCounterMode, and summed
+    over its Conv2d layers from their shapes, 2 * k_h * k_w * C_in / groups * C_out * H_out * W_out each (it has no
+    attention in these configs, so convolutions are all its matrix work). Guards against a torch release counting
+    differently."""
+    with FakeTensorMode():
+        ae = build_aekl(cfg)
+        if any(isinstance(m, torch.nn.MultiheadAttention) or "attn" in n.lower() for n, m in ae.named_modules()):
+            return None
+        total = [0]
+
+        def hook(m, _inputs, out):
+            kh, kw = m.kernel_size
+            total[0] += 2 * kh * kw * (m.in_channels // m.groups) * m.out_channels * out.shape[0] * out[0, 0].numel()
+
+        hooks = [m.register_forward_hook(hook) for m in ae.modules() if isinstance(m, torch.nn.Conv2d)]
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            z_mu, z_sigma = ae.encode(torch.rand(1, *IMAGE))
+            ae.decode(ae.sampling(z_mu, z_sigma))
+        for h in hooks:
+            h.remove()
+    return {"flop_counter": counter.get_total_flops(), "by_hand": total[0]}
+
+
 def memory(stage, cfgs, batches, amp, adversarial=True):
     """Tracked peak and saved-for-backward bytes of one step at each batch size (fake tensors)."""
     out = {}
@@ -471,7 +522,7 @@ def rss_bytes():
 
 
 def cpu_check(cfgs, batch, stage="aekl"):
-    """Runs one real fp32 step on the CPU and compares the growth of resident memory (sampled every millisecond)
+    """Runs a real fp32 step on the CPU after a first one and compares the growth of resident memory (sampled every millisecond)
     with the tracked peak of the same step on fake CPU tensors. Large blocks are mmap'ed (MALLOC_MMAP_THRESHOLD_,
     set by re-executing this script), so freed memory leaves the resident set at once."""
     with FakeTensorMode():
@@ -484,8 +535,9 @@ def cpu_check(cfgs, batch, stage="aekl"):
     torch.manual_seed(0)
     nets, trained, _ = build_stage(stage, cfgs, "cpu")
     prepare_grads(*trained)
-    x = torch.rand(batch, *IMAGE)
-    del x
+    # A first step pages in the kernels' code and oneDNN's primitive caches, which the second, measured step (as
+    # every later training step) finds in place.
+    run_step(stage, nets, batch, amp=False, device="cpu")
     base = rss_bytes()
     peak = [base]
     stop = threading.Event()
@@ -519,15 +571,25 @@ def cpu_check(cfgs, batch, stage="aekl"):
 # --- the report ---------------------------------------------------------------------------------------------------
 
 
-def analyse(name, directory, train_images, batches=(1, 2, 4)):
-    cfgs = {s: read(os.path.join(directory, f"{s}.json")) for s in ("aekl", "ldm", "controlnet")}
+STAGES = ("aekl", "ldm", "controlnet")
+
+
+def read_set(directory):
+    return {s: read(os.path.join(directory, f"{s}.json")) for s in STAGES}
+
+
+def analyse(name, directory, train_images, memory_stages=STAGES, verify=True, batches=(1, 2, 4)):
+    """The rows of one config set: FLOPs of every stage, memory of the stages in `memory_stages`, and the autocast
+    emulation's check when `verify`."""
+    cfgs = read_set(directory)
     rows = []
-    for stage in ("aekl", "ldm", "controlnet"):
+    for stage in STAGES:
         t = cfgs[stage].get("train", {})
         batch, epochs = int(t.get("batch_size", 8)), int(t.get("n_epochs", 10))
         steps = math.ceil(train_images / batch)
         row = {"set": name, "config": os.path.join(directory, f"{stage}.json"), "stage": stage, "batch": batch}
         row.update({"n_epochs": epochs, "train_images": train_images, "steps_per_epoch": steps})
+        row["params_trained"], row["params_frozen"] = param_counts(stage, cfgs)
         if stage == "aekl":
             adv_start = min(int(t.get("adv_start", 0)), epochs)
             g_on = flops_per_image(stage, cfgs, adversarial=True)
@@ -536,41 +598,41 @@ def analyse(name, directory, train_images, batches=(1, 2, 4)):
             row["gflop_per_image_before_adv_start"] = g_off / 1e9
             row["adv_start"] = adv_start
             total = train_images * (adv_start * g_off + (epochs - adv_start) * g_on)
+            row["forward_by_hand"] = aekl_forward_by_hand(cfgs["aekl"])
         else:
             g = flops_per_image(stage, cfgs)
             row["gflop_per_image"] = g / 1e9
-            width = params_of(cfgs["ldm"], "ldm")
-            if width.get("with_conditioning"):
+            if params_of(cfgs["ldm"], "ldm").get("with_conditioning"):
                 row["reference_gflop_per_image"] = flops_per_image(stage, cfgs, text_encoder=True) / 1e9
             total = train_images * epochs * g
         row["tflop_per_epoch"] = train_images * row["gflop_per_image"] / 1e3
         row["pflop_total"] = total / 1e15
-        mem = {}
-        for precision, amp in (("fp32", False), ("fp16_amp", True)):
-            points, n_trained, n_frozen = memory(stage, cfgs, batches, amp)
-            const, per = linear([(b, points[b]["peak"]) for b in batches[:2]])
-            check_b = batches[2]
-            extrapolated = const + per * check_b
-            static = 16 * n_trained + 4 * n_frozen
-            mem[precision] = {
-                "static_bytes": static,
-                "peak_constant_bytes": const,
-                "peak_per_image_bytes": per,
-                "saved_per_image_bytes": (points[batches[1]]["saved"] - points[batches[0]]["saved"])
-                / (batches[1] - batches[0]),
-                "linearity_check": {"batch": check_b, "tracked": points[check_b]["peak"], "line": extrapolated},
-                "at_batch_bytes": static + const + per * batch,
-            }
-            gpus = REFERENCE_GPUS[stage]
-            if name == "reference" and batch % gpus == 0:
-                mem[precision]["reference_gpus"] = gpus
-                mem[precision]["per_gpu_bytes"] = static + const + per * (batch // gpus)
-            row["params_trained"], row["params_frozen"] = n_trained, n_frozen
-        row["memory"] = mem
-        row["autocast_check"] = verify_emulation(stage, cfgs)
-        rate = [H100_PEAK_TFLOPS * u for u in UTILISATION]
-        row["h100_minutes_per_epoch"] = [row["tflop_per_epoch"] / r / 60 for r in reversed(rate)]
-        row["h100_hours_total"] = [row["pflop_total"] * 1e3 / r / 3600 for r in reversed(rate)]
+        if stage in memory_stages:
+            mem = {}
+            for precision, amp in (("fp32", False), ("fp16_amp", True)):
+                points, n_trained, n_frozen = memory(stage, cfgs, batches, amp)
+                const, per = linear([(b, points[b]["peak"]) for b in batches[:2]])
+                check_b = batches[2]
+                static = 16 * n_trained + 4 * n_frozen
+                mem[precision] = {
+                    "static_bytes": static,
+                    "peak_constant_bytes": const,
+                    "peak_per_image_bytes": per,
+                    "saved_per_image_bytes": (points[batches[1]]["saved"] - points[batches[0]]["saved"])
+                    / (batches[1] - batches[0]),
+                    "linearity_check": {"batch": check_b, "tracked": points[check_b]["peak"], "line": const + per * check_b},
+                    "at_batch_bytes": static + const + per * batch,
+                }
+                gpus = REFERENCE_GPUS[stage]
+                if name == "reference" and batch % gpus == 0:
+                    mem[precision]["reference_gpus"] = gpus
+                    mem[precision]["per_gpu_bytes"] = static + const + per * (batch // gpus)
+            row["memory"] = mem
+        if verify:
+            row["autocast_check"] = verify_emulation(stage, cfgs)
+        rates = [H100_PEAK_TFLOPS * u for u in UTILISATION]
+        row["h100_seconds_per_epoch"] = [row["tflop_per_epoch"] / r for r in reversed(rates)]
+        row["h100_seconds_total"] = [row["pflop_total"] * 1e3 / r for r in reversed(rates)]
         rows.append(row)
         print(f"{name} {stage}: {row['gflop_per_image']:.1f} GFLOP/image", file=sys.stderr)
     return rows
@@ -584,110 +646,151 @@ def gib(b):
     return f"{b / GIB:.1f}"
 
 
-def markdown(rows, checks, demo_times):
-    out = []
-    out.append(
-        "| set | stage | trained params | frozen params | GFLOP per image per step | batch | steps per epoch | "
-        "TFLOP per epoch | H100 minutes per epoch | epochs | H100 hours, whole run |"
+def two_digits(x):
+    """Two significant digits, never in exponent form."""
+    if x >= 10:
+        return f"{x:,.0f}"
+    return f"{x:.{max(1, 1 - math.floor(math.log10(x)))}f}"
+
+
+def duration(seconds):
+    """A (fast, slow) pair of durations in the unit of the slow one."""
+    slow = seconds[1]
+    unit, div = ("h", 3600) if slow >= 3 * 3600 else ("min", 60) if slow >= 180 else ("s", 1)
+    return f"{two_digits(seconds[0] / div)}–{two_digits(seconds[1] / div)} {unit}"
+
+
+def flop_line(r):
+    g = f"{r['gflop_per_image']:.1f}"
+    if "gflop_per_image_before_adv_start" in r:
+        g += f" ({r['gflop_per_image_before_adv_start']:.1f} before epoch {r['adv_start']})"
+    if "reference_gflop_per_image" in r:
+        g += f" (reference, text encoder too: {r['reference_gflop_per_image']:.1f})"
+    return (
+        f"| {r['set']} | {r['stage']} | {fmt_int(r['params_trained'])} | {fmt_int(r['params_frozen'])} | {g} | "
+        f"{r['batch']} | {r['steps_per_epoch']:,} | {r['tflop_per_epoch']:,.1f} | {duration(r['h100_seconds_per_epoch'])} | "
+        f"{r['n_epochs']} | {r['pflop_total']:,.2f} | {duration(r['h100_seconds_total'])} |"
     )
-    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        g = f"{r['gflop_per_image']:.1f}"
-        if "gflop_per_image_before_adv_start" in r:
-            g += f" ({r['gflop_per_image_before_adv_start']:.1f} before epoch {r['adv_start']})"
-        if "reference_gflop_per_image" in r:
-            g += f" (reference, text encoder too: {r['reference_gflop_per_image']:.1f})"
-        m, h = r["h100_minutes_per_epoch"], r["h100_hours_total"]
-        minutes = f"{m[0]:.2f}–{m[1]:.2f}" if m[1] < 1 else f"{m[0]:.0f}–{m[1]:.0f}"
-        hours = f"{h[0]:.3f}–{h[1]:.3f}" if h[1] < 1 else f"{h[0]:.1f}–{h[1]:.1f}"
-        out.append(
-            f"| {r['set']} | {r['stage']} | {fmt_int(r['params_trained'])} | {fmt_int(r['params_frozen'])} | {g} | "
-            f"{r['batch']} | {r['steps_per_epoch']} | {r['tflop_per_epoch']:,.1f} | {minutes} | {r['n_epochs']} | "
-            f"{hours} |"
-        )
+
+
+def memory_line(r):
+    a, h = r["memory"]["fp32"], r["memory"]["fp16_amp"]
+    split = "–"
+    if "per_gpu_bytes" in h:
+        split = f"{gib(h['per_gpu_bytes'])} ({h['reference_gpus']} × {r['batch'] // h['reference_gpus']})"
+    fits = "more than 8"
+    for n in (1, 2, 4, 8):
+        each = h["static_bytes"] + h["peak_constant_bytes"] + h["peak_per_image_bytes"] * r["batch"] / n
+        if r["batch"] % n == 0 and each <= H100_PLAN_GIB * GIB:
+            fits = f"{n} ({gib(each)} each)"
+            break
+    return (
+        f"| {r['set']} | {r['stage']} | {r['batch']} | {gib(a['static_bytes'])} | "
+        f"{a['peak_per_image_bytes'] / 2**20:,.0f} / {h['peak_per_image_bytes'] / 2**20:,.0f} | "
+        f"{gib(a['at_batch_bytes'])} / {gib(h['at_batch_bytes'])} | {split} | {fits} |"
+    )
+
+
+def markdown(rows, sets, checks=(), demo_times=()):
+    """The generated block. Its first line names the sets, so that --check can regenerate it alone."""
+    out = ["<!-- bench/stage_cost.py " + " ".join(f"--set {n}={d}:{i}" for n, d, i in sets) + " -->", ""]
+    lo, hi = (f"{u * 100:.0f} %" for u in UTILISATION)
+    out.append(
+        "| set | stage | trained params | frozen params | GFLOP per training image (forward + backward) | batch | "
+        "steps per epoch | TFLOP per epoch | H100 time per epoch | epochs | PFLOP, whole run | "
+        f"H100 time, whole run ({hi}–{lo} of {H100_PEAK_TFLOPS:g} TFLOP/s) |"
+    )
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    out += [flop_line(r) for r in rows]
     out.append("")
     out.append(
         "| set | stage | batch | weights + grads + Adam (GiB) | activations per image, fp32 / fp16 AMP (MiB) | "
-        "peak at the batch, fp32 / fp16 AMP (GiB) | per GPU at the reference's split, fp16 AMP (GiB) |"
+        "peak at the batch, fp32 / fp16 AMP (GiB) | per GPU at the reference's split, fp16 AMP (GiB) | "
+        f"fewest 80 GB H100s (NPROC) at ≤ {H100_PLAN_GIB} GiB each, fp16 AMP |"
     )
-    out.append("|---|---|---|---|---|---|---|")
-    for r in rows:
-        a, h = r["memory"]["fp32"], r["memory"]["fp16_amp"]
-        split = "–"
-        if "per_gpu_bytes" in h:
-            split = f"{gib(h['per_gpu_bytes'])} ({h['reference_gpus']} × {r['batch'] // h['reference_gpus']})"
+    out.append("|---|---|---|---|---|---|---|---|")
+    out += [memory_line(r) for r in rows if "memory" in r]
+    lin = [m["linearity_check"] for r in rows if "memory" in r for m in r["memory"].values()]
+    if lin:
+        worst = max(abs(c["line"] - c["tracked"]) / c["tracked"] for c in lin)
+        out.append("")
         out.append(
-            f"| {r['set']} | {r['stage']} | {r['batch']} | {gib(a['static_bytes'])} | "
-            f"{a['peak_per_image_bytes'] / 2**20:,.0f} / {h['peak_per_image_bytes'] / 2**20:,.0f} | "
-            f"{gib(a['at_batch_bytes'])} / {gib(h['at_batch_bytes'])} | {split} |"
+            f"Linearity: in each of the {len(lin)} (stage, precision) pairs above, the line through the tracked peaks "
+            f"at batch 1 and 2 meets the tracked peak at batch {lin[0]['batch']} within {worst * 100:.2f} %."
         )
-    out.append("")
-    v = [r["autocast_check"] for r in rows]
-    bad = [c for c in v if c["mismatched_ops"] or c["matmul_dtypes"]["cuda"] != c["matmul_dtypes"]["emulated"]]
-    worst = max(abs(c["saved_bytes_cuda"] - c["saved_bytes_emulated"]) / c["saved_bytes_cuda"] for c in v)
-    out.append(
-        f"fp16 AMP check: the forward passes of the {len(v)} steps above under real CUDA autocast (fake CUDA tensors) "
-        f"and under the emulation used for the backward passes: {sum(c['ops'] for c in v):,} ops compared, "
-        f"{sum(c['mismatched_ops'] for c in v)} with another output dtype, {len(bad)} steps differing; bytes saved for "
-        f"backward within {worst * 100:.3f} % (cuDNN's batch norm saves its statistics in fp32)."
-    )
-    if checks:
+    hand = [r for r in rows if r.get("forward_by_hand")]
+    if hand:
         out.append("")
-        for c in checks:
-            out.append(
-                f"CPU cross-check ({c['stage']}, {c['set']} config, batch {c['batch']}, fp32, {c['threads']} threads): "
-                f"tracked peak {gib(c['predicted_peak_bytes'])} GiB, measured resident-memory growth "
-                f"{gib(c['measured_rss_growth_bytes'])} GiB ({c['measured_rss_growth_bytes'] / c['predicted_peak_bytes']:.2f}×); "
-                f"{c['gflop']:,.0f} GFLOP in {c['seconds']:.1f} s ({c['gflop'] / c['seconds']:.0f} GFLOP/s, PyTorch)."
+        out.append(
+            "FLOP count check, AutoencoderKL forward (encode, sample, decode) of one image: "
+            + "; ".join(
+                f"{r['set']}: {r['forward_by_hand']['flop_counter'] / 1e9:,.2f} GFLOP by FlopCounterMode, "
+                f"{r['forward_by_hand']['by_hand'] / 1e9:,.2f} GFLOP summed over its Conv2d layers "
+                "(2·k²·C_in·C_out·H_out·W_out)"
+                for r in hand
             )
-    if demo_times:
+            + "."
+        )
+    v = [r["autocast_check"] for r in rows if "autocast_check" in r]
+    if v:
+        bad = [c for c in v if c["mismatched_ops"] or c["matmul_dtypes"]["cuda"] != c["matmul_dtypes"]["emulated"]]
+        worst = max(abs(c["saved_bytes_cuda"] - c["saved_bytes_emulated"]) / c["saved_bytes_cuda"] for c in v)
         out.append("")
-        for d in demo_times:
-            out.append(
-                f"Demo {d['stage']} on this project's 2 CPU cores (README): {d['pflop'] * 1e3:,.1f} TFLOP over "
-                f"{d['epochs']} epochs in {d['minutes']} min = {d['gflops']:.0f} GFLOP/s achieved by medgen "
-                "(training steps only counted; the wall time includes validation and sample grids)."
-            )
+        out.append(
+            f"fp16 AMP check: the forward passes of the {len(v)} steps above under real CUDA autocast (fake CUDA "
+            f"tensors) and under the emulation used for the backward passes: {sum(c['ops'] for c in v):,} ops "
+            f"compared, {sum(c['mismatched_ops'] for c in v)} with another output dtype, {len(bad)} steps differing; "
+            f"bytes saved for backward within {worst * 100:.3f} % (cuDNN's batch norm saves its statistics in fp32)."
+        )
+    for c in checks:
+        out.append("")
+        out.append(
+            f"CPU cross-check ({c['stage']}, {c['set']} config, batch {c['batch']}, fp32, {c['threads']} threads, "
+            f"the second of two steps): tracked peak {c['predicted_peak_bytes'] / 2**20:,.0f} MiB, measured "
+            f"resident-memory growth {c['measured_rss_growth_bytes'] / 2**20:,.0f} MiB "
+            f"({c['measured_rss_growth_bytes'] / c['predicted_peak_bytes']:.2f}×); {c['gflop']:,.0f} GFLOP in "
+            f"{c['seconds']:.1f} s ({c['gflop'] / c['seconds']:.0f} GFLOP/s, PyTorch)."
+        )
+    for d in demo_times:
+        out.append("")
+        out.append(
+            f"Demo {d['stage']} on this project's 2 CPU cores (README): {d['pflop'] * 1e3:,.1f} TFLOP over "
+            f"{d['epochs']} epochs in {d['minutes']} min = {d['gflops']:.0f} GFLOP/s achieved by medgen "
+            "(training steps only counted; the wall time includes validation and sample grids)."
+        )
     return "\n".join(out)
 
 
 # README, "What the demo training gives": minutes for the demo configs' whole runs on 2 cores.
 DEMO_MINUTES = {"aekl": 7.2, "ldm": 7.0, "controlnet": 6.0}
 
+BEGIN, END = "<!-- stage_cost:begin -->", "<!-- stage_cost:end -->"
+SETS_LINE = re.compile(r"<!-- bench/stage_cost\.py (.*) -->")
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--set", action="append", required=True, help="NAME=CONFIG_DIR:TRAINING_IMAGES")
-    ap.add_argument("--json", help="write the numbers here")
-    ap.add_argument("--doc", help="replace the block between the stage_cost markers of this markdown file")
-    ap.add_argument("--cpu-check", type=int, default=0, help="batch of the real CPU AutoencoderKL step (0: none)")
-    ap.add_argument("--cpu-check-set", default="reference", help="which --set's AutoencoderKL the check runs")
-    a = ap.parse_args()
-    if a.cpu_check and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
-    sets = []
-    for s in a.set:
-        m = re.fullmatch(r"([\w-]+)=(.+):(\d+)", s)
-        if not m:
-            ap.error(f"--set {s!r}: expected NAME=CONFIG_DIR:TRAINING_IMAGES")
-        sets.append((m[1], m[2], int(m[3])))
-    rows = []
-    for name, directory, n in sets:
-        rows += analyse(name, directory, n)
-    checks = []
-    if a.cpu_check:
-        directory = {n: d for n, d, _ in sets}[a.cpu_check_set]
-        cfgs = {s: read(os.path.join(directory, f"{s}.json")) for s in ("aekl", "ldm", "controlnet")}
-        c = cpu_check(cfgs, a.cpu_check)
-        c["set"] = a.cpu_check_set
-        checks.append(c)
-        print(f"cpu check: {c}", file=sys.stderr)
-    demo_times = []
+
+def parse_set(s):
+    m = re.fullmatch(r"([\w-]+)=(.+):(\d+)", s)
+    if not m:
+        raise ValueError(f"--set {s!r}: expected NAME=CONFIG_DIR:TRAINING_IMAGES")
+    return m[1], m[2], int(m[3])
+
+
+def doc_block(path):
+    with open(path) as f:
+        text = f.read()
+    if BEGIN not in text or END not in text:
+        sys.exit(f"{path}: no {BEGIN} ... {END} block")
+    head, rest = text.split(BEGIN, 1)
+    block, tail = rest.split(END, 1)
+    return head, block.strip("\n"), tail
+
+
+def demo_wall_times(rows):
+    out = []
     for r in rows:
         if r["set"] == "demo":
             minutes = DEMO_MINUTES[r["stage"]]
-            demo_times.append(
+            out.append(
                 {
                     "stage": r["stage"],
                     "epochs": r["n_epochs"],
@@ -696,7 +799,91 @@ def main():
                     "gflops": r["pflop_total"] * 1e6 / (minutes * 60),
                 }
             )
-    table = markdown(rows, checks, demo_times)
+    return out
+
+
+def check(path, sets, memory_rows):
+    """Regenerates the doc's block from the configs, memory only for the (set, stage) pairs in `memory_rows`, and
+    fails on any regenerated line the doc does not hold, or any table row of the doc that was regenerated
+    differently or not at all. Not compared: the CPU cross-check (a measurement) and the autocast check (not rerun:
+    it tests the emulation, not the configs)."""
+    _, block, _ = doc_block(path)
+    doc_lines = block.split("\n")
+    rows = []
+    for name, directory, n in sets:
+        stages = tuple(s for s in STAGES if (name, s) in memory_rows)
+        rows += analyse(name, directory, n, memory_stages=stages, verify=False)
+    fresh = markdown(rows, sets, demo_times=demo_wall_times(rows)).split("\n")
+    # The linearity line sums up every memory row: it can be compared only when all of them were recomputed.
+    partial = any((n, s) not in memory_rows for n, _, _ in sets for s in STAGES)
+    compared = [line for line in fresh if line and not (partial and line.startswith("Linearity:"))]
+    problems = [f"not in the doc: {line}" for line in compared if line not in doc_lines]
+    # Each doc table row, by its (set, stage, which table): the regenerated one of that key, when there is one.
+    def key(line):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        return (cells[0], cells[1], "memory" if len(cells) == 8 else "flops")
+
+    fresh_rows = {key(line): line for line in fresh if line.startswith("| ") and not line.startswith("| set ")}
+    for line in doc_lines:
+        if line.startswith("| ") and not line.startswith("| set "):
+            k = key(line)
+            if k[2] == "flops" or (k[0], k[1]) in memory_rows:
+                if fresh_rows.get(k) != line:
+                    problems.append(f"differs from a fresh computation ({fresh_rows.get(k, 'no such row')}): {line}")
+    return problems, len(fresh_rows)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--set", action="append", default=[], help="NAME=CONFIG_DIR:TRAINING_IMAGES")
+    ap.add_argument("--json", help="write the numbers here")
+    ap.add_argument("--doc", help="replace the block between the stage_cost markers of this markdown file")
+    ap.add_argument("--check", metavar="DOC", help="exit 1 unless DOC's block matches a fresh computation (the sets "
+                    "are the ones its block names unless --set is given)")
+    ap.add_argument("--check-memory", default="all", help="with --check: SET:STAGE,... whose memory rows are "
+                    "recomputed and compared (the slow part), or all")
+    ap.add_argument("--cpu-check", type=int, default=0, help="batch of the real CPU AutoencoderKL step (0: none)")
+    ap.add_argument("--cpu-check-set", default="reference", help="which --set's AutoencoderKL the check runs")
+    a = ap.parse_args()
+    if a.cpu_check and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    try:
+        sets = [parse_set(s) for s in a.set]
+    except ValueError as e:
+        ap.error(str(e))
+    if a.check:
+        t0 = time.perf_counter()
+        if not sets:
+            m = SETS_LINE.search(doc_block(a.check)[1])
+            if not m:
+                sys.exit(f"{a.check}: its block names no sets; give --set")
+            sets = [parse_set(s) for s in m[1].split()[1::2]]
+        if a.check_memory == "all":
+            memory_rows = {(n, s) for n, _, _ in sets for s in STAGES}
+        else:
+            memory_rows = {tuple(x.split(":", 1)) for x in a.check_memory.split(",") if x}
+        problems, n = check(a.check, sets, memory_rows)
+        for p in problems:
+            print(f"{a.check}: {p}", file=sys.stderr)
+        if problems:
+            sys.exit(f"{a.check}: out of date; regenerate with bench/stage_cost.py --doc {a.check} (its docstring)")
+        print(f"{a.check}: {n} rows match a fresh computation ({time.perf_counter() - t0:.0f} s)")
+        return
+    if not sets:
+        ap.error("give --set (or --check DOC)")
+    rows = []
+    for name, directory, n in sets:
+        rows += analyse(name, directory, n)
+    checks = []
+    if a.cpu_check:
+        directory = {n: d for n, d, _ in sets}[a.cpu_check_set]
+        c = cpu_check(read_set(directory), a.cpu_check)
+        c["set"] = a.cpu_check_set
+        checks.append(c)
+        print(f"cpu check: {c}", file=sys.stderr)
+    demo_times = demo_wall_times(rows)
+    table = markdown(rows, sets, checks, demo_times)
     print(table)
     if a.json:
         meta = {
@@ -713,16 +900,10 @@ def main():
             f.write("\n")
         os.replace(tmp, a.json)
     if a.doc:
-        with open(a.doc) as f:
-            text = f.read()
-        begin, end = "<!-- stage_cost:begin -->", "<!-- stage_cost:end -->"
-        if begin not in text or end not in text:
-            sys.exit(f"{a.doc}: no {begin} ... {end} block to replace")
-        head, rest = text.split(begin, 1)
-        _, tail = rest.split(end, 1)
+        head, _, tail = doc_block(a.doc)
         tmp = a.doc + ".tmp"
         with open(tmp, "w") as f:
-            f.write(f"{head}{begin}\n{table}\n{end}{tail}")
+            f.write(f"{head}{BEGIN}\n{table}\n{END}{tail}")
         os.replace(tmp, a.doc)
 
 
