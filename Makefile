@@ -80,6 +80,8 @@ fixtures: setup
 	$(VPY) tests/gen_fid_fixtures.py --wheel $(FID_WHEEL) --out $(FIXTURES)/fid
 
 test: fixtures
+	# docs/reference-configs.md's cost tables against a fresh count from the configs (about 30 s).
+	$(VPY) bench/stage_cost.py --check docs/reference-configs.md --check-memory reference:aekl,demo:aekl
 	MEDGEN_FIXTURES=$(CURDIR)/$(FIXTURES) MEDGEN_VENV_PYTHON=$(CURDIR)/$(VPY) MEDGEN_CLIP_VOCAB=$(CURDIR)/$(CLIP_VOCAB) MEDGEN_NILEARN_WHEEL=$(CURDIR)/$(NILEARN_WHEEL) MEDGEN_FID_WHEEL=$(CURDIR)/$(FID_WHEEL) cargo test -- --test-threads=1
 
 # The default data set: synthetic FLAIR/T1w volumes from real anatomy, then the reference slice
