@@ -86,8 +86,11 @@ def compare(inp, out):
         problems.append(f"shape {a.shape} -> {b.shape}")
     if hb.get_data_dtype() != np.float32:
         problems.append(f"dtype {hb.get_data_dtype()}")
-    if float(hb["scl_slope"]) != 1.0 or float(hb["scl_inter"]) != 0.0:
-        problems.append(f"scaling {hb['scl_slope']} {hb['scl_inter']}")
+    # A loaded image's header has its scaling reset to NaN (nibabel moves it into the data proxy): read the file's.
+    with nib.openers.ImageOpener(out) as f:
+        raw = nib.Nifti1Header.from_fileobj(f)
+    if float(raw["scl_slope"]) != 1.0 or float(raw["scl_inter"]) != 0.0:
+        problems.append(f"scaling {raw['scl_slope']} {raw['scl_inter']}")
     data = b.get_fdata()
     if not (np.isfinite(data).all() and data.min() >= 0 and data.max() <= 1):
         problems.append(f"values outside [0, 1]: {data.min()}..{data.max()}")
