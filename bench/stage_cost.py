@@ -762,7 +762,7 @@ def markdown(rows, sets, checks=(), demo_times=()):
 
 
 # README, "What the demo training gives": minutes for the demo configs' whole runs on 2 cores.
-DEMO_MINUTES = {"aekl": 7.2, "ldm": 7.0, "controlnet": 6.0}
+DEMO_MINUTES = {"aekl": 6.5, "ldm": 9.3, "controlnet": 10.0}
 
 BEGIN, END = "<!-- stage_cost:begin -->", "<!-- stage_cost:end -->"
 SETS_LINE = re.compile(r"<!-- bench/stage_cost\.py (.*) -->")
