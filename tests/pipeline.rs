@@ -210,4 +210,14 @@ fn train_sample_evaluate_report() {
         assert!(md.contains(row), "report lacks {row:?}:\n{md}");
     }
     assert!(md.contains("![samples](t1w/grid.png)") && md.contains("missing (/nonexistent.png)"), "{md}");
+    // Beside the baselines: the verdict, the autoencoder's own bound (its reconstruction PSNR) and the article.
+    let bound = format!(
+        "| autoencoder's reconstruction of the real T1w (the bound) | {:.4} ± ",
+        rec["psnr"]["mean"].as_f64().unwrap()
+    );
+    for row in
+        ["ControlNet vs baselines — PSNR: ", &bound, "| article, ControlNet on real data (full-size models) | 26.2458"]
+    {
+        assert!(md.contains(row), "report lacks {row:?}:\n{md}");
+    }
 }
