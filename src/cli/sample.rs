@@ -5,6 +5,7 @@ use crate::data::loader::{load_png, read_list, stack_images, PairRecord};
 use crate::data::preprocess::Span;
 use crate::device;
 use crate::generate::{save_png, ModelPaths, Models, Sampler, SamplerChoice, SamplingSection, Text};
+use crate::nets::AutoencoderKL;
 use crate::schedulers::{SchedulerConfig, SchedulerKind};
 use crate::text::context::PromptContexts;
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -408,7 +409,7 @@ fn flair_to_t1w(a: FlairArgs) -> Result<()> {
             t1w: (!r.t1w.as_os_str().is_empty()).then(|| r.t1w.clone()),
         });
     }
-    let (h, w) = check_inputs(&jobs, s.models.autoencoder.model.downsampling())?;
+    let (h, w) = check_inputs(&jobs, &s.models.autoencoder.model)?;
     let shape = latent_shape(&s, h, w)?;
     let scale = a.conditioning_scale.or(s.section.controlnet_scale).unwrap_or(1.0);
     std::fs::create_dir_all(&c.output).with_context(|| format!("cannot create {}", c.output.display()))?;
@@ -439,9 +440,9 @@ fn flair_to_t1w(a: FlairArgs) -> Result<()> {
 }
 
 /// Reads every FLAIR input and real T1w of the jobs before anything is written: all of one size (the batches
-/// and the comparison images put them side by side), a size the autoencoder reconstructs (multiples of
-/// `factor`), 8-bit grayscale. Returns that size.
-fn check_inputs(jobs: &[Job], factor: i64) -> Result<(i64, i64)> {
+/// and the comparison images put them side by side), a size the autoencoder reconstructs, 8-bit grayscale.
+/// Returns that size.
+fn check_inputs(jobs: &[Job], autoencoder: &AutoencoderKL) -> Result<(i64, i64)> {
     use rayon::prelude::*;
     let paths: Vec<&Path> = jobs.iter().flat_map(|j| j.flair.iter().chain(&j.t1w)).map(PathBuf::as_path).collect();
     let sizes: Vec<Vec<i64>> = paths.par_iter().map(|p| Ok(load_png(p)?.size())).collect::<Result<_>>()?;
@@ -459,11 +460,7 @@ fn check_inputs(jobs: &[Job], factor: i64) -> Result<(i64, i64)> {
         );
     }
     let (h, w) = (first_size[1], first_size[2]);
-    ensure!(
-        h % factor == 0 && w % factor == 0,
-        "{} is {h}x{w}: the autoencoder needs a height and width that are multiples of {factor}",
-        first.display()
-    );
+    autoencoder.check_reconstructable_size(h, w, &first.display().to_string())?;
     Ok((h, w))
 }
 

@@ -410,13 +410,18 @@ impl AutoencoderKL {
     /// [`encode`](Self::encode)) take other sizes too, and then reconstruct a smaller image.
     pub fn check_reconstructable(&self, x: &Tensor, what: &str) -> Result<()> {
         self.check_input(x, self.config.in_channels, what)?;
-        let (s, f) = (x.size(), self.downsampling());
+        let s = x.size();
+        self.check_reconstructable_size(s[2], s[3], what)
+    }
+
+    /// The size rule of [`check_reconstructable`](Self::check_reconstructable) for an image of
+    /// `h`x`w` not yet read into a tensor (a list of PNGs, a volume's crop).
+    pub fn check_reconstructable_size(&self, h: i64, w: i64, what: &str) -> Result<()> {
+        let f = self.downsampling();
         ensure!(
-            s[2] % f == 0 && s[3] % f == 0,
-            "{what} is {}x{}: this AutoencoderKL ({} levels) needs a height and width that are multiples of {f} \
+            h % f == 0 && w % f == 0,
+            "{what} is {h}x{w}: this AutoencoderKL ({} levels) needs a height and width that are multiples of {f} \
              (2^(levels-1)) to reconstruct an image of the same size",
-            s[2],
-            s[3],
             self.config.channels.len()
         );
         Ok(())

@@ -190,11 +190,7 @@ pub fn translate(a: &FlairArgs) -> Result<()> {
     let s = setup(c, Some((a.controlnet_config.clone(), a.controlnet_weights.clone())), 7.0)?;
     let crop = resolve_crop(a, &s)?;
     let (h, w) = (crop.rows.len() as i64, crop.cols.len() as i64);
-    let factor = s.models.autoencoder.model.downsampling();
-    ensure!(
-        h % factor == 0 && w % factor == 0,
-        "the crop {crop} is {h}x{w}: the autoencoder needs a height and width that are multiples of {factor}"
-    );
+    s.models.autoencoder.model.check_reconstructable_size(h, w, &format!("the crop {crop}"))?;
     let shape = latent_shape(&s, h, w)?;
     // Every volume is checked before the first is sampled: a bad one is reported at once, not hours later.
     let mut good = Vec::new();
