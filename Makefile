@@ -23,7 +23,7 @@ CONFIGS ?= configs/demo
 RUNS ?= runs
 MEDGEN := ./target/release/medgen
 
-.PHONY: setup build fixtures test demo data train sample evaluate bench quality clean-fixtures
+.PHONY: setup build fixtures test demo showcase data train sample evaluate bench quality clean-fixtures
 
 setup: $(STAMP)
 
@@ -128,12 +128,13 @@ sample: build
 
 # Every reference metric on the samples, then the report (runs/demo/report.md for the demo).
 EVAL ?= $(RUNS)/eval
+FID_REAL ?= $(TEST_LIST)
 REPORT ?= $(RUNS)/report.md
 evaluate: build
 	$(MEDGEN) eval reconstruction $(STAGE1_ARGS) --list $(TEST_LIST) --output $(EVAL) --device $(DEVICE)
 	$(MEDGEN) eval flair-to-t1w --samples $(SAMPLES)/flair_to_t1w --list $(TEST_LIST) --baselines --output $(EVAL)
 	$(MEDGEN) eval diversity --samples $(SAMPLES)/t1w --output $(EVAL) --device $(DEVICE)
-	$(MEDGEN) eval fid --samples $(SAMPLES)/t1w --real $(TEST_LIST) --fid-wheel $(FID_WHEEL) --output $(EVAL) --device $(DEVICE)
+	$(MEDGEN) eval fid --samples $(SAMPLES)/t1w --real $(FID_REAL) --fid-wheel $(FID_WHEEL) --output $(EVAL) --device $(DEVICE)
 	$(MEDGEN) eval report --eval $(EVAL) --output $(REPORT) \
 		--figure "LDM samples (seeds 0-15)=$(SAMPLES)/t1w/grid.png" \
 		--figure "FLAIR | ControlNet T1w | real T1w=$(SAMPLES)/flair_to_t1w/grid.png" \
@@ -147,6 +148,21 @@ demo: DEVICE = cpu
 demo: train
 	$(MAKE) --no-print-directory sample evaluate RUNS=$(RUNS) DEVICE=$(DEVICE)
 	@echo "medgen demo: report in $(RUNS)/report.md"
+
+# The showcase (docs/showcase.md): the same pipeline with configs/showcase (wider, longer), about 2 hours on 2 CPU
+# cores, resumable (re-run it after an interruption). FID/KID use 500 samples against 500 real T1w slices of 100
+# held-out synthetic subjects (seed 1: none of them is in data/png).
+FID_DATA := $(DATA)/fid
+showcase: RUNS = runs/showcase
+showcase: CONFIGS = configs/showcase
+showcase: DEVICE = cpu
+showcase: build
+	$(MEDGEN) synth --nilearn-wheel $(NILEARN_WHEEL) --output $(FID_DATA)/raw --subjects 100 --seed 1 --resume
+	$(MEDGEN) preprocess --input $(FID_DATA)/raw --output $(FID_DATA)/png --split 0,0 --resume
+	$(MAKE) --no-print-directory train RUNS=$(RUNS) CONFIGS=$(CONFIGS) DEVICE=$(DEVICE)
+	$(MAKE) --no-print-directory sample evaluate RUNS=$(RUNS) CONFIGS=$(CONFIGS) DEVICE=$(DEVICE) NUM_SAMPLES=500 \
+		FID_REAL=$(FID_DATA)/png/test.tsv
+	@echo "medgen showcase: report in $(RUNS)/report.md"
 
 # medgen against the Python MONAI reference, side by side on this machine: bench/results.md.
 # The preprocessing row reads 10 synthetic subjects of its own (the same generator and seed as `make data`).
