@@ -460,7 +460,7 @@ fn check_inputs(jobs: &[Job], autoencoder: &AutoencoderKL) -> Result<(i64, i64)>
         );
     }
     let (h, w) = (first_size[1], first_size[2]);
-    autoencoder.check_reconstructable_size(h, w, &first.display().to_string())?;
+    autoencoder.check_reconstructable_size(&[h, w], &first.display().to_string())?;
     Ok((h, w))
 }
 

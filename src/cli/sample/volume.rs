@@ -190,7 +190,7 @@ pub fn translate(a: &FlairArgs) -> Result<()> {
     let s = setup(c, Some((a.controlnet_config.clone(), a.controlnet_weights.clone())), 7.0)?;
     let crop = resolve_crop(a, &s)?;
     let (h, w) = (crop.rows.len() as i64, crop.cols.len() as i64);
-    s.models.autoencoder.model.check_reconstructable_size(h, w, &format!("the crop {crop}"))?;
+    s.models.autoencoder.model.check_reconstructable_size(&[h, w], &format!("the crop {crop}"))?;
     let shape = latent_shape(&s, h, w)?;
     // Every volume is checked before the first is sampled: a bad one is reported at once, not hours later.
     let mut good = Vec::new();
