@@ -1,6 +1,7 @@
 //! medgen: MONAI Generative Models (AutoencoderKL, latent diffusion, ControlNet) on libtorch,
 //! with numerical parity against the PyTorch originals.
 pub mod amp;
+pub mod bundle;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
