@@ -114,6 +114,7 @@ fn bundles_medgen_cannot_read_fail_naming_the_problem() {
             vec!["network_def", "with_magic"],
         ),
         ("never_loaded", Box::new(|v| v.as_object_mut().unwrap().remove("load_diffusion").map(|_| ()).unwrap()), vec!["network_def", "never loaded"]),
+        ("cycle", Box::new(|v| v["latent_channels"] = "@latent_shape#0".into()), vec!["a cycle?"]),
         ("no_steps", Box::new(|v| v.as_object_mut().unwrap().remove("set_timesteps").map(|_| ()).unwrap()), vec!["set_timesteps"]),
     ];
     for (name, edit, needles) in cases {

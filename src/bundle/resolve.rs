@@ -20,6 +20,25 @@ pub struct BundleConfig {
     root: Map<String, Value>,
     /// Which file each top-level key came from, for error messages.
     origin: Vec<(String, PathBuf)>,
+    /// How deep the reference being followed is (through values and expressions), to stop cycles.
+    depth: std::cell::Cell<usize>,
+}
+
+/// Counts one level of reference following while alive.
+struct Level<'a>(&'a std::cell::Cell<usize>);
+
+impl<'a> Level<'a> {
+    fn enter(depth: &'a std::cell::Cell<usize>) -> Result<Self> {
+        ensure!(depth.get() < MAX_DEPTH, "references nest more than {MAX_DEPTH} deep (a cycle?)");
+        depth.set(depth.get() + 1);
+        Ok(Self(depth))
+    }
+}
+
+impl Drop for Level<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
 }
 
 impl BundleConfig {
@@ -61,7 +80,7 @@ impl BundleConfig {
                 }
             }
         }
-        Ok(Self { dir: dir.to_path_buf(), root, origin })
+        Ok(Self { dir: dir.to_path_buf(), root, origin, depth: Default::default() })
     }
 
     /// The file a top-level key was read from.
@@ -104,26 +123,26 @@ impl BundleConfig {
     /// and `_mode_` keys dropped (`_target_` is kept). For the values medgen converts: network and scheduler
     /// definitions, paths, shapes.
     pub fn resolved(&self, id: &str) -> Result<Value> {
-        self.resolve(self.raw(id)?, 0).with_context(|| format!("resolving `{id}` ({})", self.origin(id)))
+        self.resolve(self.raw(id)?).with_context(|| format!("resolving `{id}` ({})", self.origin(id)))
     }
 
-    fn resolve(&self, v: &Value, depth: usize) -> Result<Value> {
-        ensure!(depth < MAX_DEPTH, "references nest more than {MAX_DEPTH} deep (a cycle?)");
+    fn resolve(&self, v: &Value) -> Result<Value> {
+        let _level = Level::enter(&self.depth)?;
         Ok(match v {
             Value::String(s) if is_reference(s) => {
                 let id = &s[1..];
                 let target = self.raw(id)?;
-                self.resolve(target, depth + 1).with_context(|| format!("resolving `{s}`"))?
+                self.resolve(target).with_context(|| format!("resolving `{s}`"))?
             }
             Value::String(s) if s.starts_with('$') => self.evaluate(v)?,
             Value::String(s) if s.starts_with('%') => {
                 bail!("`{s}`: `%` macros (values from other files) are not supported by medgen")
             }
-            Value::Array(a) => Value::Array(a.iter().map(|x| self.resolve(x, depth + 1)).collect::<Result<_>>()?),
+            Value::Array(a) => Value::Array(a.iter().map(|x| self.resolve(x)).collect::<Result<_>>()?),
             Value::Object(m) => Value::Object(
                 m.iter()
                     .filter(|(k, _)| !matches!(k.as_str(), "_requires_" | "_disabled_" | "_desc_" | "_mode_"))
-                    .map(|(k, x)| Ok((k.clone(), self.resolve(x, depth + 1)?)))
+                    .map(|(k, x)| Ok((k.clone(), self.resolve(x)?)))
                     .collect::<Result<_>>()?,
             ),
             other => other.clone(),
@@ -133,6 +152,7 @@ impl BundleConfig {
     /// Evaluates a value that must be a string or a list: plain JSON, a reference, or a `$` expression in the
     /// concatenation language (see the module docs).
     pub fn evaluate(&self, v: &Value) -> Result<Value> {
+        let _level = Level::enter(&self.depth)?;
         match v {
             Value::String(s) if s.starts_with('$') => {
                 let mut p = ExprParser { src: &s[1..], pos: 0, cfg: self };
@@ -146,7 +166,7 @@ impl BundleConfig {
                 );
                 Ok(out)
             }
-            other => self.resolve(other, 0),
+            other => self.resolve(other),
         }
     }
 
