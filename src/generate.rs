@@ -306,21 +306,3 @@ impl Sampler<'_> {
         decode_latent(&self.models.autoencoder.model, &latent, self.models.scale_factor, Precision::Fp32)
     }
 }
-
-/// The reference's PNG quantisation of one `(1, H, W)` or `(H, W)` image: clip to [0, 1], ×255,
-/// truncate to u8 (`astype(np.uint8)`). Written to a temporary file, then renamed.
-pub fn save_png(path: &Path, image: &Tensor) -> Result<()> {
-    let img = image.detach().to_device(Device::Cpu).to_kind(tch::Kind::Float);
-    let img = match img.dim() {
-        2 => img,
-        3 => img.squeeze_dim(0),
-        n => bail!("save_png: expected (1, H, W) or (H, W), got {n} dimensions ({:?})", img.size()),
-    };
-    let (h, w) = img.size2()?;
-    let values: Vec<f32> = Vec::try_from(img.clamp(0.0, 1.0).flatten(0, -1))?;
-    let bytes: Vec<u8> = values.iter().map(|&v| (v * 255.0) as u8).collect();
-    let png = image::GrayImage::from_raw(w as u32, h as u32, bytes).context("image buffer size")?;
-    let tmp = crate::data::volume::temporary_path(path)?;
-    png.save_with_format(&tmp, image::ImageFormat::Png).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
-}

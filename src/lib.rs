@@ -10,6 +10,7 @@ pub mod device;
 pub mod distributed;
 pub mod evaluate;
 pub mod generate;
+pub mod io;
 pub mod losses;
 pub mod memory_format;
 pub mod metrics;

@@ -312,7 +312,5 @@ fn sampling_section(cfg: &BundleConfig, schedulers: &[(String, SchedulerKind, St
 
 /// Writes JSON atomically (temporary file, then rename).
 fn write_json(path: &Path, v: &Value) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(v)? + "\n").with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    crate::io::atomic::write_bytes(path, (serde_json::to_string_pretty(v)? + "\n").as_bytes())
 }

@@ -1,10 +1,11 @@
 //! `medgen sample t1w` and `medgen sample flair-to-t1w`: the reference sampling scripts
 //! (`sample_t1w.py`, `sample_flair_to_t1w.py`) with a seed per image and batches.
 use crate::amp::Precision;
-use crate::data::loader::{load_png, read_list, stack_images, PairRecord};
+use crate::data::loader::{read_list, PairRecord};
+use crate::io::png::{load_png, save_grid, save_png, stack_images};
 use crate::data::preprocess::Span;
 use crate::device;
-use crate::generate::{save_png, ModelPaths, Models, Sampler, SamplerChoice, SamplingSection, Text};
+use crate::generate::{ModelPaths, Models, Sampler, SamplerChoice, SamplingSection, Text};
 use crate::nets::AutoencoderKL;
 use crate::schedulers::{SchedulerConfig, SchedulerKind};
 use crate::text::context::PromptContexts;
@@ -232,9 +233,7 @@ fn write_manifest(out: &Path, settings: &Value, jobs: &[Job]) -> Result<()> {
         jobs.iter().map(|j| json!({"seed": j.seed, "image": j.name, "flair": j.flair, "t1w": j.t1w})).collect();
     let text = serde_json::to_string_pretty(&json!({"settings": settings, "images": images}))?;
     let path = out.join("manifest.json");
-    let tmp = crate::data::volume::temporary_path(&path)?;
-    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))
+    crate::io::atomic::write_bytes(&path, text.as_bytes())
 }
 
 /// Stores one sampled image of a job, with its FLAIR input if any.
@@ -475,5 +474,5 @@ fn grid(out: &Path, cells: &[Vec<PathBuf>], cols: i64) -> Result<()> {
     if imgs.is_empty() {
         bail!("no images for the grid");
     }
-    crate::train::run::save_grid(&out.join("grid.png"), &stack_images(&imgs, &paths)?, cols)
+    save_grid(&out.join("grid.png"), &stack_images(&imgs, &paths)?, cols)
 }

@@ -5,6 +5,7 @@
 //! Everything random (the order and each sample's augmentation) is a function of the seed, the
 //! epoch and the sample's row, not of thread timing: the same seed gives the same batches.
 use super::augment::AugmentConfig;
+use crate::io::png::load_png;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -47,45 +48,6 @@ pub fn read_list(path: &Path) -> Result<Vec<PairRecord>> {
         records.push(PairRecord { t1w: field(t1w_col)?, flair: flair_col.map(field).transpose()? });
     }
     Ok(records)
-}
-
-/// A PNG as a `(1, H, W)` float32 tensor, `u8 / 255.0` (a division, as MONAI's
-/// `ScaleIntensityRanged` does; multiplying by 1/255 differs in the last bit).
-pub fn load_png(path: &Path) -> Result<Tensor> {
-    let img = image::open(path).with_context(|| format!("cannot read image {}", path.display()))?;
-    let gray = match img {
-        image::DynamicImage::ImageLuma8(g) => g,
-        other => bail!("{}: expected an 8-bit grayscale PNG, got {:?}", path.display(), other.color()),
-    };
-    let (w, h) = gray.dimensions();
-    let values: Vec<f32> = gray.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
-    Ok(Tensor::from_slice(&values).view([1, h as i64, w as i64]))
-}
-
-/// `images` stacked into one `(B, ...)` batch, each checked against the first: a size that differs is an
-/// error naming both files and both sizes (libtorch would panic).
-pub fn stack_images(images: &[Tensor], paths: &[&Path]) -> Result<Tensor> {
-    ensure!(!images.is_empty() && images.len() == paths.len(), "no images to put in a batch");
-    let first = images[0].size();
-    for (img, path) in images.iter().zip(paths).skip(1) {
-        ensure!(
-            img.size() == first,
-            "images of different sizes cannot share a batch: {} is {}, {} is {}",
-            paths[0].display(),
-            image_size(&first),
-            path.display(),
-            image_size(&img.size())
-        );
-    }
-    Ok(Tensor::f_stack(images, 0)?)
-}
-
-/// `HxW` of a `(.., H, W)` image, the way image sizes are usually written.
-fn image_size(s: &[i64]) -> String {
-    match s {
-        [.., h, w] => format!("{h}x{w}"),
-        _ => format!("{s:?}"),
-    }
 }
 
 /// One batch: `(B, 1, H, W)` images, the list rows they came from, and which samples drop their
