@@ -5,7 +5,7 @@
 //! Everything random (the order and each sample's augmentation) is a function of the seed, the
 //! epoch and the sample's row, not of thread timing: the same seed gives the same batches.
 use super::augment::AugmentConfig;
-use crate::io::png::load_png;
+use crate::io::png::{load_png, stack_images};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
