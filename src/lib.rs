@@ -17,7 +17,7 @@ pub mod metrics;
 pub mod nets;
 pub mod panics;
 pub mod sampling;
-pub mod sliding_window;
 pub mod schedulers;
+pub mod sliding_window;
 pub mod text;
 pub mod train;

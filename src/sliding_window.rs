@@ -64,7 +64,14 @@ fn eighth() -> Vec<f64> {
 
 impl SlidingWindowConfig {
     pub fn new(roi_size: Vec<i64>) -> Self {
-        Self { roi_size, sw_batch_size: 1, overlap: quarter(), mode: BlendMode::Constant, sigma_scale: eighth(), cval: 0.0 }
+        Self {
+            roi_size,
+            sw_batch_size: 1,
+            overlap: quarter(),
+            mode: BlendMode::Constant,
+            sigma_scale: eighth(),
+            cval: 0.0,
+        }
     }
 
     /// One value per spatial axis, from a single value or one per axis (MONAI's `ensure_tuple_rep`).
@@ -83,7 +90,11 @@ impl SlidingWindowConfig {
             self.roi_size,
             self.roi_size.len()
         );
-        ensure!(self.sw_batch_size >= 1, "sliding window: sw_batch_size must be at least 1, got {}", self.sw_batch_size);
+        ensure!(
+            self.sw_batch_size >= 1,
+            "sliding window: sw_batch_size must be at least 1, got {}",
+            self.sw_batch_size
+        );
         for o in Self::per_axis(&self.overlap, spatial_dims, "overlap")? {
             ensure!((0.0..1.0).contains(&o), "sliding window: overlap must be in [0, 1), got {o}");
         }
@@ -125,7 +136,8 @@ type Window = Vec<(i64, i64)>;
 fn windows(image: &[i64], roi: &[i64], overlap: &[f64]) -> Vec<Window> {
     let starts: Vec<Vec<i64>> = (0..image.len())
         .map(|i| {
-            let interval = if roi[i] == image[i] { roi[i] } else { ((roi[i] as f64 * (1.0 - overlap[i])) as i64).max(1) };
+            let interval =
+                if roi[i] == image[i] { roi[i] } else { ((roi[i] as f64 * (1.0 - overlap[i])) as i64).max(1) };
             let num = (image[i] as f64 / interval as f64).ceil() as i64;
             let scan = (0..num).find(|d| d * interval + roi[i] >= image[i]).map_or(1, |d| d + 1);
             (0..scan).map(|idx| idx * interval - (idx * interval + roi[i] - image[i]).max(0)).collect()
@@ -288,7 +300,8 @@ impl Accumulator {
             Some(z) => image_size.iter().zip(z).map(|(&i, &z)| (i as f64 * z) as i64).collect(),
             None => image_size.to_vec(),
         };
-        let output = Tensor::f_zeros([&[batch, first_out[1]][..], &out_spatial[..]].concat().as_slice(), (kind, device))?;
+        let output =
+            Tensor::f_zeros([&[batch, first_out[1]][..], &out_spatial[..]].concat().as_slice(), (kind, device))?;
         let count = Tensor::f_zeros([&[1i64, 1][..], &out_spatial[..]].concat().as_slice(), (kind, device))?;
         for w in slices {
             let mut dst = narrow_to(&count, &zoomed(w, zoom.as_deref()))?;

@@ -100,22 +100,42 @@ fn copy_dir(src: &Path, dst: &Path) {
 fn bundles_medgen_cannot_read_fail_naming_the_problem() {
     let maisi = "monai.apps.generation.maisi.networks.autoencoderkl_maisi.AutoencoderKlMaisi";
     let cases: Vec<(&str, Box<dyn FnOnce(&mut serde_json::Value)>, Vec<&str>)> = vec![
-        ("unknown_target", Box::new(move |v| v["autoencoder_def"]["_target_"] = maisi.into()), vec![maisi, "not supported"]),
+        (
+            "unknown_target",
+            Box::new(move |v| v["autoencoder_def"]["_target_"] = maisi.into()),
+            vec![maisi, "not supported"],
+        ),
         (
             "expression",
             Box::new(|v| v["load_diffusion_path"] = "$os.path.join(@model_dir, 'model.pt')".into()),
             vec!["$os.path.join(@model_dir, 'model.pt')", "load_diffusion_path"],
         ),
-        ("missing_reference", Box::new(|v| v["network_def"]["spatial_dims"] = "@spatial_dim".into()), vec!["spatial_dim", "network_def"]),
-        ("macro", Box::new(|v| v["latent_channels"] = "%configs/train.json#latent_channels".into()), vec!["%configs/train.json#latent_channels", "macros"]),
+        (
+            "missing_reference",
+            Box::new(|v| v["network_def"]["spatial_dims"] = "@spatial_dim".into()),
+            vec!["spatial_dim", "network_def"],
+        ),
+        (
+            "macro",
+            Box::new(|v| v["latent_channels"] = "%configs/train.json#latent_channels".into()),
+            vec!["%configs/train.json#latent_channels", "macros"],
+        ),
         (
             "unknown_parameter",
             Box::new(|v| v["network_def"]["with_magic"] = true.into()),
             vec!["network_def", "with_magic"],
         ),
-        ("never_loaded", Box::new(|v| v.as_object_mut().unwrap().remove("load_diffusion").map(|_| ()).unwrap()), vec!["network_def", "never loaded"]),
+        (
+            "never_loaded",
+            Box::new(|v| v.as_object_mut().unwrap().remove("load_diffusion").map(|_| ()).unwrap()),
+            vec!["network_def", "never loaded"],
+        ),
         ("cycle", Box::new(|v| v["latent_channels"] = "@latent_shape#0".into()), vec!["a cycle?"]),
-        ("no_steps", Box::new(|v| v.as_object_mut().unwrap().remove("set_timesteps").map(|_| ()).unwrap()), vec!["set_timesteps"]),
+        (
+            "no_steps",
+            Box::new(|v| v.as_object_mut().unwrap().remove("set_timesteps").map(|_| ()).unwrap()),
+            vec!["set_timesteps"],
+        ),
     ];
     for (name, edit, needles) in cases {
         let dir = edited_bundle(name, edit);

@@ -193,13 +193,15 @@ fn missing_backbone_is_an_error() {
 
 #[test]
 fn config_is_checked() {
-    let e = serde_json::from_str::<PerceptualLossConfig>(r#"{"network_type": "squeeze", "is_fake_3d": true, "colour": 1}"#)
-        .unwrap_err()
-        .to_string();
+    let e =
+        serde_json::from_str::<PerceptualLossConfig>(r#"{"network_type": "squeeze", "is_fake_3d": true, "colour": 1}"#)
+            .unwrap_err()
+            .to_string();
     assert!(e.contains("colour"), "{e}");
     let e = serde_json::from_str::<PerceptualLossConfig>(r#"{"network_type": "resnet50"}"#).unwrap_err().to_string();
     assert!(e.contains("resnet50"), "{e}");
-    let cfg = PerceptualLossConfig { spatial_dims: 3, is_fake_3d: false, ..PerceptualLossConfig::new(LpipsNet::Squeeze) };
+    let cfg =
+        PerceptualLossConfig { spatial_dims: 3, is_fake_3d: false, ..PerceptualLossConfig::new(LpipsNet::Squeeze) };
     let e = err_text(PerceptualLoss::new(&cfg, Device::Cpu));
     assert!(e.contains("spatial_dims 3") && e.contains("MedicalNet"), "{e}");
     let cfg = PerceptualLossConfig { spatial_dims: 4, ..PerceptualLossConfig::new(LpipsNet::Squeeze) };

@@ -24,7 +24,8 @@ fn windowed_decoding_matches_monai() {
     for c in cases {
         let case = c["case"].as_str().unwrap();
         let dir = root.join(c["dir"].as_str().unwrap());
-        let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
         let ae_cfg: AutoencoderKLConfig = serde_json::from_value(cfg["autoencoder"].clone()).unwrap();
         let sw: SlidingWindowConfig = serde_json::from_value(cfg["sliding_window"].clone()).unwrap();
         let sd = StateDict::load(&dir.join("state_dict.pt"), None).unwrap();
@@ -61,8 +62,14 @@ fn bad_settings_are_refused_with_the_setting_named() {
     let id = |w: &tch::Tensor| Ok(w.shallow_clone());
     for (cfg, needle) in [
         (SlidingWindowConfig::new(vec![4, 4]), "roi_size [4, 4] has 2 entries"),
-        (SlidingWindowConfig { overlap: vec![1.0], ..SlidingWindowConfig::new(vec![4, 4, 4]) }, "overlap must be in [0, 1)"),
-        (SlidingWindowConfig { overlap: vec![0.1, 0.2], ..SlidingWindowConfig::new(vec![4, 4, 4]) }, "overlap has 2 entries"),
+        (
+            SlidingWindowConfig { overlap: vec![1.0], ..SlidingWindowConfig::new(vec![4, 4, 4]) },
+            "overlap must be in [0, 1)",
+        ),
+        (
+            SlidingWindowConfig { overlap: vec![0.1, 0.2], ..SlidingWindowConfig::new(vec![4, 4, 4]) },
+            "overlap has 2 entries",
+        ),
         (SlidingWindowConfig { sw_batch_size: 0, ..SlidingWindowConfig::new(vec![4, 4, 4]) }, "sw_batch_size"),
         (SlidingWindowConfig { sigma_scale: vec![0.0], ..SlidingWindowConfig::new(vec![4, 4, 4]) }, "sigma_scale"),
     ] {
@@ -70,8 +77,10 @@ fn bad_settings_are_refused_with_the_setting_named() {
         assert!(e.contains(needle), "{e}");
     }
     // A predictor that changes the batch is a wiring error, not something to blend.
-    let e = sliding_window_inference(&z, &SlidingWindowConfig::new(vec![4, 4, 4]), |w: &tch::Tensor| Ok(w.repeat([2, 1, 1, 1, 1])))
-        .unwrap_err()
-        .to_string();
+    let e = sliding_window_inference(&z, &SlidingWindowConfig::new(vec![4, 4, 4]), |w: &tch::Tensor| {
+        Ok(w.repeat([2, 1, 1, 1, 1]))
+    })
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("the predictor returned shape"), "{e}");
 }

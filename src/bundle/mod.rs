@@ -32,14 +32,16 @@ pub enum Role {
 }
 
 /// The module paths the generative bundles import their classes from (a bare class name is MONAI's short form).
-const PACKAGES: [&str; 4] = ["generative.networks.nets", "monai.networks.nets", "generative.networks.schedulers", "monai.networks.schedulers"];
+const PACKAGES: [&str; 4] =
+    ["generative.networks.nets", "monai.networks.nets", "generative.networks.schedulers", "monai.networks.schedulers"];
 
 /// The role of a `_target_`, `None` for classes medgen has no use for (savers, samplers, transforms, losses).
 /// A class of a network package medgen does not implement is an error.
 pub fn classify(target: &str) -> Result<Option<Role>> {
     let class = target.rsplit('.').next().unwrap_or(target);
     let module = target.strip_suffix(class).unwrap_or("").trim_end_matches('.');
-    let known_module = module.is_empty() || PACKAGES.iter().any(|p| module == *p || module.starts_with(&format!("{p}.")));
+    let known_module =
+        module.is_empty() || PACKAGES.iter().any(|p| module == *p || module.starts_with(&format!("{p}.")));
     let role = match class {
         "AutoencoderKL" => Some(Role::Autoencoder),
         "DiffusionModelUNet" => Some(Role::Diffusion),
@@ -106,9 +108,10 @@ fn weight_loads(cfg: &BundleConfig) -> Vec<(String, String)> {
                     Some(k.to_string())
                 } else {
                     // `@load_x_func(...)`: the function key holds `@K.load_old_state_dict if ... else @K.load_state_dict`.
-                    cfg.raw(k).ok().and_then(|f| f.as_str()).and_then(|f| {
-                        f.split('@').nth(1).and_then(|r| r.split('.').next()).map(|s| s.to_string())
-                    })
+                    cfg.raw(k)
+                        .ok()
+                        .and_then(|f| f.as_str())
+                        .and_then(|f| f.split('@').nth(1).and_then(|r| r.split('.').next()).map(|s| s.to_string()))
                 }
             } else {
                 None
@@ -151,7 +154,13 @@ pub fn convert_bundle(dir: &Path, out: &Path) -> Result<Converted> {
                 let path = cfg.evaluate_id(path_id)?;
                 let path = path.as_str().with_context(|| format!("`{path_id}` is {path}, not a path"))?;
                 let path = if Path::new(path).is_absolute() { PathBuf::from(path) } else { dir.join(path) };
-                networks.push(Network { key: key.clone(), role, target: target.to_string(), params: params_of(&def), weights: path });
+                networks.push(Network {
+                    key: key.clone(),
+                    role,
+                    target: target.to_string(),
+                    params: params_of(&def),
+                    weights: path,
+                });
             }
         }
     }
@@ -177,7 +186,10 @@ pub fn convert_bundle(dir: &Path, out: &Path) -> Result<Converted> {
         m.insert("medgen.model".to_string(), model.to_string());
         m.insert("medgen.config".to_string(), cfg_json);
         m.insert(META_GENERATION.to_string(), generation.to_string());
-        m.insert("medgen.source".to_string(), format!("{source}/{}", net.weights.strip_prefix(dir).unwrap_or(&net.weights).display()));
+        m.insert(
+            "medgen.source".to_string(),
+            format!("{source}/{}", net.weights.strip_prefix(dir).unwrap_or(&net.weights).display()),
+        );
         m
     };
     let read_weights = |net: &Network| -> Result<StateDict> {
@@ -195,7 +207,10 @@ pub fn convert_bundle(dir: &Path, out: &Path) -> Result<Converted> {
     loaded.state_dict.save_safetensors(&f, &meta_base("aekl", ae, ae_json.to_string(), loaded.generation.as_str()))?;
     files.push(f);
     let f = out.join("aekl.json");
-    write_json(&f, &json!({"_comment": format!("Converted from the MONAI bundle {source} (`{}`)", ae.key), "stage1": {"params": ae_json}}))?;
+    write_json(
+        &f,
+        &json!({"_comment": format!("Converted from the MONAI bundle {source} (`{}`)", ae.key), "stage1": {"params": ae_json}}),
+    )?;
     files.push(f);
     let mut summary = json!({
         "bundle": source,
@@ -228,8 +243,7 @@ pub fn convert_bundle(dir: &Path, out: &Path) -> Result<Converted> {
             }),
         )?;
         files.push(f);
-        summary["diffusion_model"] =
-            json!({"key": unet.key, "target": unet.target, "weights": unet.weights.strip_prefix(dir).unwrap_or(&unet.weights), "naming": loaded.generation.as_str(), "scale_factor": 1.0});
+        summary["diffusion_model"] = json!({"key": unet.key, "target": unet.target, "weights": unet.weights.strip_prefix(dir).unwrap_or(&unet.weights), "naming": loaded.generation.as_str(), "scale_factor": 1.0});
         let latent_c = ae_cfg.latent_channels;
         if unet_cfg.in_channels != latent_c {
             summary["conditioning"] = Value::String(format!(
@@ -249,7 +263,9 @@ pub fn convert_bundle(dir: &Path, out: &Path) -> Result<Converted> {
             .with_context(|| format!("{} does not fit `{}`", cn.weights.display(), cn.key))?;
         let cn_json = serde_json::to_value(loaded.model.config())?;
         let f = out.join("controlnet.safetensors");
-        loaded.state_dict.save_safetensors(&f, &meta_base("controlnet", cn, cn_json.to_string(), loaded.generation.as_str()))?;
+        loaded
+            .state_dict
+            .save_safetensors(&f, &meta_base("controlnet", cn, cn_json.to_string(), loaded.generation.as_str()))?;
         files.push(f);
         let f = out.join("controlnet.json");
         write_json(&f, &json!({"controlnet": {"params": cn_json}}))?;
@@ -273,8 +289,8 @@ fn sampling_section(cfg: &BundleConfig, schedulers: &[(String, SchedulerKind, St
         .context("the bundle defines no DDPM, DDIM or PNDM scheduler")?;
     let (key, kind, target) = pick;
     let params = params_of(&cfg.resolved(key)?);
-    let sched: SchedulerConfig = serde_json::from_value(params.clone())
-        .with_context(|| format!("`{key}` ({target}): its parameters"))?;
+    let sched: SchedulerConfig =
+        serde_json::from_value(params.clone()).with_context(|| format!("`{key}` ({target}): its parameters"))?;
     sched.check_applies_to(*kind).with_context(|| format!("`{key}` ({target})"))?;
     let mut steps = None;
     let mut noise = None;
@@ -287,14 +303,17 @@ fn sampling_section(cfg: &BundleConfig, schedulers: &[(String, SchedulerKind, St
         }
         if k == "noise" || (noise.is_none() && e.contains("torch.randn(")) {
             if let Some(arg) = call_argument(e, "torch.randn(") {
-                let shape = cfg.evaluate(&Value::String(format!("${arg}"))).with_context(|| format!("`{k}`: the noise shape"))?;
+                let shape = cfg
+                    .evaluate(&Value::String(format!("${arg}")))
+                    .with_context(|| format!("`{k}`: the noise shape"))?;
                 noise = Some(shape);
             }
         }
     }
     let latent_shape: Vec<i64> = match (noise, cfg.contains("latent_shape")) {
         (Some(n), _) => {
-            let v: Vec<i64> = serde_json::from_value(n.clone()).with_context(|| format!("noise shape {n} is not a list of integers"))?;
+            let v: Vec<i64> = serde_json::from_value(n.clone())
+                .with_context(|| format!("noise shape {n} is not a list of integers"))?;
             ensure!(v.len() >= 3, "noise shape {v:?}: expected (batch, channels, spatial...)");
             v[1..].to_vec()
         }

@@ -2,10 +2,10 @@
 //! (`sample_t1w.py`, `sample_flair_to_t1w.py`) with a seed per image and batches.
 use crate::amp::Precision;
 use crate::data::loader::{read_list, PairRecord};
-use crate::io::png::{load_png, save_grid, save_png, stack_images};
 use crate::data::preprocess::Span;
 use crate::device;
 use crate::generate::{ModelPaths, Models, Sampler, SamplerChoice, SamplingSection, Text};
+use crate::io::png::{load_png, save_grid, save_png, stack_images};
 use crate::nets::AutoencoderKL;
 use crate::schedulers::{SchedulerConfig, SchedulerKind};
 use crate::text::context::PromptContexts;

@@ -120,7 +120,6 @@ impl SliceReader {
     }
 }
 
-
 /// Writes `data` as float32 NIfTI (gzip if the name ends in `.gz`), copying the geometry of
 /// `reference` when given. Written to a temporary file and renamed: a reader never sees half a file.
 pub fn write_volume(path: &Path, data: &Array3<f32>, reference: Option<&NiftiHeader>) -> Result<()> {

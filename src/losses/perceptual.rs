@@ -161,7 +161,12 @@ impl PerceptualLoss {
         let perm = [0, axis, 1, keep[0], keep[1]];
         let s = input.size();
         let batchify = |x: &Tensor| -> Result<Tensor> {
-            Ok(x.f_to_kind(Kind::Float)?.f_permute(perm)?.f_contiguous()?.f_view([-1, s[1], s[keep[0] as usize], s[keep[1] as usize]])?)
+            Ok(x.f_to_kind(Kind::Float)?.f_permute(perm)?.f_contiguous()?.f_view([
+                -1,
+                s[1],
+                s[keep[0] as usize],
+                s[keep[1] as usize],
+            ])?)
         };
         let slices = batchify(input)?;
         let n = slices.size()[0];

@@ -214,7 +214,8 @@ fn gaussian_1d(size: i64, sigma: f64) -> Tensor {
 pub fn window(kernel_type: KernelType, kernel_size: &[i64], kernel_sigma: &[f64]) -> Tensor {
     match kernel_type {
         KernelType::Gaussian => {
-            let k2 = gaussian_1d(kernel_size[0], kernel_sigma[0]).tr().matmul(&gaussian_1d(kernel_size[1], kernel_sigma[1]));
+            let k2 =
+                gaussian_1d(kernel_size[0], kernel_sigma[0]).tr().matmul(&gaussian_1d(kernel_size[1], kernel_sigma[1]));
             if kernel_size.len() == 2 {
                 return k2;
             }
@@ -222,7 +223,9 @@ pub fn window(kernel_type: KernelType, kernel_size: &[i64], kernel_sigma: &[f64]
             let gz = gaussian_1d(kd, kernel_sigma[2]).unsqueeze(0).expand([k0, k1, kd], false);
             k2.unsqueeze(-1).repeat([1, 1, kd]) * gz
         }
-        KernelType::Uniform => Tensor::ones(kernel_size, (Kind::Float, Device::Cpu)) / kernel_size.iter().product::<i64>(),
+        KernelType::Uniform => {
+            Tensor::ones(kernel_size, (Kind::Float, Device::Cpu)) / kernel_size.iter().product::<i64>()
+        }
     }
 }
 
@@ -280,8 +283,11 @@ impl Window {
     fn apply_folded(&self, x: &Tensor) -> Tensor {
         let s = x.size();
         let planes = s[0] * s[1];
-        let kernel =
-            self.kernel.narrow(0, 0, 1).expand([&[planes, 1][..], &self.size[..]].concat().as_slice(), false).contiguous();
+        let kernel = self
+            .kernel
+            .narrow(0, 0, 1)
+            .expand([&[planes, 1][..], &self.size[..]].concat().as_slice(), false)
+            .contiguous();
         let out: Vec<i64> =
             s[..2].iter().copied().chain(s[2..].iter().zip(&self.size).map(|(&n, &k)| n - k + 1)).collect();
         let folded: Vec<i64> = [1, planes].into_iter().chain(s[2..].iter().copied()).collect();

@@ -274,7 +274,10 @@ impl Encoder {
         let lin = |n: &str, i, o| super::blocks::linear(p / "time_embed" / n, i, o, true);
         Self {
             spec: spec.clone(),
-            conv_in: Convolution::new(&(p / "conv_in"), ConvSpec::new(spec.spatial_dims, spec.in_channels, ch[0], 3, 1, 1)),
+            conv_in: Convolution::new(
+                &(p / "conv_in"),
+                ConvSpec::new(spec.spatial_dims, spec.in_channels, ch[0], 3, 1, 1),
+            ),
             time_embed_0: lin("0", ch[0], temb),
             time_embed_2: lin("2", temb, temb),
             class_embedding: spec
@@ -310,11 +313,7 @@ impl Encoder {
     ) -> Result<Option<Tensor>> {
         let spec = &self.spec;
         let s = x.size();
-        ensure!(
-            s.len() == 2 + spec.spatial_dims as usize,
-            "{model}: x must be {}, got shape {s:?}",
-            spec.layout()
-        );
+        ensure!(s.len() == 2 + spec.spatial_dims as usize, "{model}: x must be {}, got shape {s:?}", spec.layout());
         ensure!(s[1] == spec.in_channels, "{model}: x must have {} channels, got shape {s:?}", spec.in_channels);
         let factor = 1i64 << (spec.levels() - 1);
         ensure!(

@@ -285,7 +285,10 @@ impl DownBlock {
             if spec.resblock_updown {
                 Downsampler::Res(ResnetBlock::new(&dp, l.out_c, l.out_c, temb, spec, Resample::Down))
             } else {
-                Downsampler::Conv(Convolution::new(&(&dp / "op"), ConvSpec::new(spec.spatial_dims, l.out_c, l.out_c, 3, 2, 1)))
+                Downsampler::Conv(Convolution::new(
+                    &(&dp / "op"),
+                    ConvSpec::new(spec.spatial_dims, l.out_c, l.out_c, 3, 2, 1),
+                ))
             }
         });
         Self { resnets, attentions, downsampler }
@@ -378,7 +381,10 @@ impl UpBlock {
             if spec.resblock_updown {
                 Upsampler::Res(ResnetBlock::new(&up, out_c, out_c, temb, spec, Resample::Up))
             } else {
-                Upsampler::Nearest(Convolution::new(&(&up / "postconv"), ConvSpec::new(spec.spatial_dims, out_c, out_c, 3, 1, 1)))
+                Upsampler::Nearest(Convolution::new(
+                    &(&up / "postconv"),
+                    ConvSpec::new(spec.spatial_dims, out_c, out_c, 3, 1, 1),
+                ))
             }
         });
         Self { resnets, attentions, upsampler }

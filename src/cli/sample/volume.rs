@@ -10,8 +10,8 @@
 //! other volumes of a folder.
 use super::{latent_shape, setup, FlairArgs, Setup};
 use crate::data::preprocess::{normalize_slab, Crop, Span};
-use crate::io::volume::{write_volume, SliceReader};
 use crate::generate::Sampler;
+use crate::io::volume::{write_volume, SliceReader};
 use crate::train::stages::{META_CROP, META_SLICES};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use ndarray::{s, Array3};
