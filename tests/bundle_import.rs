@@ -96,10 +96,13 @@ fn copy_dir(src: &Path, dst: &Path) {
     }
 }
 
+/// A change to a bundle's inference.json.
+type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+
 #[test]
 fn bundles_medgen_cannot_read_fail_naming_the_problem() {
     let maisi = "monai.apps.generation.maisi.networks.autoencoderkl_maisi.AutoencoderKlMaisi";
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut serde_json::Value)>, Vec<&str>)> = vec![
+    let cases: Vec<(&str, Edit, Vec<&str>)> = vec![
         (
             "unknown_target",
             Box::new(move |v| v["autoencoder_def"]["_target_"] = maisi.into()),

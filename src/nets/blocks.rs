@@ -67,7 +67,7 @@ impl ConvNd {
     pub fn new(p: &nn::Path, s: ConvSpec, init: ConvInit) -> Self {
         let dims = s.spatial_dims as usize;
         let mut shape = vec![s.cout, s.cin];
-        shape.extend(std::iter::repeat(s.kernel).take(dims));
+        shape.extend(std::iter::repeat_n(s.kernel, dims));
         let fan_in = s.cin * s.kernel.pow(dims as u32);
         let init = match init {
             ConvInit::Torch => torch_default_init(fan_in),
@@ -84,7 +84,7 @@ impl ConvNd {
     pub fn transposed(p: &nn::Path, s: ConvSpec, output_padding: i64) -> Self {
         let dims = s.spatial_dims as usize;
         let mut shape = vec![s.cin, s.cout];
-        shape.extend(std::iter::repeat(s.kernel).take(dims));
+        shape.extend(std::iter::repeat_n(s.kernel, dims));
         let init = torch_default_init(s.cout * s.kernel.pow(dims as u32));
         // Bias first, as tch's `nn::conv`: a from-scratch network draws its initial weights in this order.
         let bs = Some(p.var("bias", &[s.cout], init));

@@ -6,7 +6,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use tch::Tensor;
 
 /// The `train` section of a stage config: the loop settings the reference passes on its command
 /// line (batch size, epochs, validation frequency, seed) plus medgen's checkpoint cadence.
