@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use tch::Tensor;
 
 mod volume;
+mod volumes_3d;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -31,6 +32,9 @@ enum Task {
     T1w(T1wArgs),
     /// T1w slices translated from FLAIR slices by the ControlNet (`sample_flair_to_t1w.py`).
     FlairToT1w(FlairArgs),
+    /// Volumes from a 3-D LDM, or translated from control volumes by a 3-D ControlNet, as NIfTI (docs/volumes.md).
+    #[command(name = "3d")]
+    ThreeD(volumes_3d::Args3d),
 }
 
 /// What both tasks load and how they sample.
@@ -79,9 +83,9 @@ struct Common {
     /// Latent scale factor (default: recorded in the LDM weights by `medgen train`, else the config's).
     #[arg(long)]
     scale_factor: Option<f64>,
-    /// Images sampled together.
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
+    /// Images sampled together [default: 8; 1 for `sample 3d`, whose images are volumes].
+    #[arg(long)]
+    batch_size: Option<usize>,
     /// Keep images already in --output (made with the same settings) instead of sampling them again.
     #[arg(long)]
     skip_existing: bool,
@@ -146,8 +150,12 @@ pub fn run(a: Args) -> Result<()> {
     match a.task {
         Task::T1w(t) => t1w(t),
         Task::FlairToT1w(f) => flair_to_t1w(f),
+        Task::ThreeD(v) => volumes_3d::run(v),
     }
 }
+
+/// The default `--batch-size` of slice sampling.
+const SLICE_BATCH: usize = 8;
 
 /// One image to make: its seed, its output name, and for FLAIR->T1w its inputs.
 struct Job {
@@ -191,7 +199,7 @@ fn setup(c: &Common, controlnet: Option<(PathBuf, PathBuf)>, default_guidance: f
         (None, true) => Precision::Fp32,
         (None, false) => section.precision.unwrap_or_default(),
     };
-    ensure!(c.batch_size > 0, "--batch-size must be positive");
+    ensure!(c.batch_size != Some(0), "--batch-size must be positive");
     Ok(Setup { models, text, section, section_path, scheduler_kind, scheduler, sampler_steps, precision, device })
 }
 
@@ -258,6 +266,7 @@ fn run_jobs(
         conditioning_scale,
         precision: s.precision,
         match_batch: c.match_batch,
+        decode_window: None,
         device: s.device,
     };
     let todo: Vec<&Job> = jobs.iter().filter(|j| !(c.skip_existing && c.output.join(&j.name).exists())).collect();
@@ -266,7 +275,7 @@ fn run_jobs(
     }
     let pb = super::progress_bar(todo.len() as u64, what, "images");
     let start = std::time::Instant::now();
-    for chunk in todo.chunks(c.batch_size) {
+    for chunk in todo.chunks(c.batch_size.unwrap_or(SLICE_BATCH)) {
         let seeds: Vec<i64> = chunk.iter().map(|j| j.seed).collect();
         let flair_paths: Option<Vec<&Path>> = chunk.iter().map(|j| j.flair.as_deref()).collect();
         let flair = match flair_paths {
@@ -276,7 +285,7 @@ fn run_jobs(
             }
             None => None,
         };
-        let images = sampler.sample(&seeds, latent_shape, flair.as_ref(), &mut |i, n| {
+        let images = sampler.sample(&seeds, &latent_shape, flair.as_ref(), &mut |i, n| {
             pb.set_message(format!("step {i}/{n}"));
         })?;
         let images = images.to_device(tch::Device::Cpu);
@@ -296,7 +305,7 @@ fn run_jobs(
 }
 
 fn latent_shape(s: &Setup, h: i64, w: i64) -> Result<[i64; 3]> {
-    let want = s.models.latent_shape(h, w);
+    let want: [i64; 3] = s.models.latent_shape(&[h, w]).try_into().expect("two spatial axes and the channels");
     if let Some(l) = &s.section.latent_shape {
         ensure!(
             l.as_slice() == want,

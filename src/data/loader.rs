@@ -1,11 +1,13 @@
 //! The training data loader: a `t1w`/`flair` TSV list and its PNGs, read as the reference reads
-//! them (8-bit grayscale, `u8 / 255.0`), augmented with one draw per sample for both images,
+//! them (8-bit grayscale, `u8 / 255.0`), or its NIfTI volumes (3-D models, `data::volumes`), augmented with one draw per sample for both images,
 //! batched, and decoded in parallel (rayon) on a background thread ahead of the training step.
 //!
 //! Everything random (the order and each sample's augmentation) is a function of the seed, the
 //! epoch and the sample's row, not of thread timing: the same seed gives the same batches.
 use super::augment::AugmentConfig;
+use super::volumes::load_volume;
 use crate::io::png::{load_png, stack_images};
+use crate::io::volume::is_volume_name;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -109,6 +111,31 @@ fn sample_rng(seed: u64, epoch: u64, row: usize) -> ChaCha8Rng {
     r
 }
 
+/// A PNG slice `(1, H, W)`, or a NIfTI volume `(1, X, Y, Z)` normalised as [`crate::data::volumes`] says.
+fn load_image(path: &Path) -> Result<Tensor> {
+    if is_volume_name(path) {
+        load_volume(path)
+    } else {
+        load_png(path)
+    }
+}
+
+/// Whether a list names NIfTI volumes (3-D training) rather than PNG slices; a list mixing both is an error
+/// naming one of each.
+pub fn lists_volumes(records: &[PairRecord]) -> Result<bool> {
+    let paths = || records.iter().flat_map(|r| std::iter::once(&r.t1w).chain(r.flair.as_ref()));
+    let volume = paths().find(|p| is_volume_name(p));
+    let slice = paths().find(|p| !is_volume_name(p));
+    match (volume, slice) {
+        (Some(v), Some(s)) => bail!(
+            "the list mixes NIfTI volumes ({}) and 2-D images ({}): a model trains on one or the other",
+            v.display(),
+            s.display()
+        ),
+        (v, _) => Ok(v.is_some()),
+    }
+}
+
 fn load_sample(rec: &PairRecord, cfg: &LoaderConfig, epoch: u64, row: usize) -> Result<(Tensor, Option<Tensor>, bool)> {
     let mut rng = sample_rng(cfg.seed, epoch, row);
     let params = cfg.augment.map(|a| a.draw(&mut rng)).unwrap_or_default();
@@ -120,10 +147,10 @@ fn load_sample(rec: &PairRecord, cfg: &LoaderConfig, epoch: u64, row: usize) -> 
             Ok(img)
         }
     };
-    let t1w = aug(load_png(&rec.t1w)?)?;
+    let t1w = aug(load_image(&rec.t1w)?)?;
     let flair = if cfg.with_flair {
         let p = rec.flair.as_ref().with_context(|| format!("row {row}: the list has no flair column"))?;
-        let f = aug(load_png(p)?)?;
+        let f = aug(load_image(p)?)?;
         ensure!(
             f.size() == t1w.size(),
             "row {row}: FLAIR {} is {:?}, T1w {} is {:?}",
@@ -147,6 +174,10 @@ impl DataLoader {
         if let Some((rank, world)) = cfg.shard {
             ensure!(world > 0 && rank < world, "shard {rank} of {world} does not exist");
         }
+        ensure!(
+            cfg.augment.is_none() || !lists_volumes(&records)?,
+            "the augmentations are 2-D: volumes are loaded without them"
+        );
         if cfg.with_flair {
             if let Some(i) = records.iter().position(|r| r.flair.is_none()) {
                 bail!("row {i} has no flair image, which ControlNet training needs");

@@ -67,9 +67,14 @@ pub fn save_png(path: &Path, image: &Tensor) -> Result<()> {
 }
 
 /// A grid PNG of `(N, 1, H, W)` images in [0, 1] (clipped), `cols` per row: truncated to u8 as
-/// the reference saves images.
+/// the reference saves images. `(N, 1, X, Y, Z)` volumes show their middle slice along Z.
 pub fn save_grid(path: &Path, images: &Tensor, cols: i64) -> Result<()> {
     let imgs = images.detach().to_device(tch::Device::Cpu).to_kind(tch::Kind::Float).clamp(0.0, 1.0);
+    // A volume batch shows its middle slice along the last (axial, for RAS-ordered NIfTI) axis.
+    let imgs = match imgs.size().as_slice() {
+        [_, _, _, _, d] => imgs.select(4, d / 2),
+        _ => imgs,
+    };
     let (n, _, h, w) = imgs.size4()?;
     let cols = cols.clamp(1, n.max(1));
     let rows = (n + cols - 1) / cols;

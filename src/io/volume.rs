@@ -10,6 +10,14 @@ use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
+/// Whether a file name is a NIfTI volume's (`.nii`, `.nii.gz`, any case).
+pub fn is_volume_name(path: &Path) -> bool {
+    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+        let n = n.to_ascii_lowercase();
+        n.ends_with(".nii") || n.ends_with(".nii.gz")
+    })
+}
+
 /// A 3-D volume indexed `[i, j, k]` as nibabel indexes `get_fdata()`.
 #[derive(Debug, Clone)]
 pub struct Volume {

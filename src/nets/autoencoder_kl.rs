@@ -71,6 +71,13 @@ impl Default for AutoencoderKLConfig {
 }
 
 impl AutoencoderKLConfig {
+    /// The latent `[latent_channels, spatial...]` of an image of `spatial` size: every axis halved at each level
+    /// but the last.
+    pub fn latent_shape(&self, spatial: &[i64]) -> Vec<i64> {
+        let f = 1i64 << (self.channels.len() - 1);
+        std::iter::once(self.latent_channels).chain(spatial.iter().map(|s| s / f)).collect()
+    }
+
     /// The checks MONAI's constructor makes, plus what this port supports.
     pub fn validate(&self) -> Result<()> {
         ensure!(
