@@ -172,7 +172,9 @@ fn three_d_train_sample_nifti() {
     let geometry = |h: &NiftiHeader| (h.pixdim, h.sform_code, h.srow_x, h.srow_y, h.srow_z, h.qform_code);
     assert_eq!(geometry(&t.header), geometry(&input.header));
 
-    // Bad inputs.
+    // Bad inputs: the outputs would overwrite the controls, a latent of the wrong width, odd-sized or corrupt controls.
+    let e = fails(&[&base[..], &cn_args[..], &["--output", s(&controls)]].concat());
+    assert!(e.contains("holds the control volumes"), "{e}");
     let e = fails(&[&base[..], &["--output", s(&d.join("x")), "--latent-shape", "3,8,8,8"]].concat());
     assert!(e.contains("latent_channels is 2"), "{e}");
     let odd = d.join("odd");
@@ -184,7 +186,9 @@ fn three_d_train_sample_nifti() {
     std::fs::write(&broken, b"not a volume").unwrap();
     let e = fails(&[&base[..], &cn_args[..4], &["--control", s(&broken), "--output", s(&d.join("z"))]].concat());
     assert!(e.contains("broken.nii.gz"), "{e}");
-    // A list mixing PNGs and volumes is refused by `train`.
+    // The slice tasks refuse a 3-D autoencoder; `train` refuses a list mixing PNGs and volumes.
+    let e = fails(&[&["sample", "t1w"][..], &both[..], &["--num", "1", "--output", s(&d.join("w"))]].concat());
+    assert!(e.contains("3-D autoencoder: sample its volumes with `medgen sample 3d`"), "{e}");
     let mixed = d.join("mixed");
     std::fs::create_dir(&mixed).unwrap();
     image::GrayImage::new(16, 16).save(mixed.join("a.png")).unwrap();

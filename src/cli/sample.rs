@@ -330,9 +330,21 @@ fn configured_latent_shape(s: &Setup, l: &[i64]) -> Result<[i64; 3]> {
     Ok(shape)
 }
 
+/// The slice tasks need a 2-D autoencoder; a 3-D one samples volumes.
+fn require_2d(s: &Setup, c: &Common) -> Result<()> {
+    let dims = s.models.autoencoder.model.config().spatial_dims;
+    ensure!(
+        dims == 2,
+        "{} is a {dims}-D autoencoder: sample its volumes with `medgen sample 3d` (docs/volumetric.md)",
+        c.stage1_config.display()
+    );
+    Ok(())
+}
+
 fn t1w(a: T1wArgs) -> Result<()> {
     let c = &a.common;
     let s = setup(c, None, 0.0)?;
+    require_2d(&s, c)?;
     let seeds: Vec<i64> = match &a.seeds {
         Some(v) => v.clone(),
         None => (0..a.num as i64).map(|i| a.start_seed + i).collect(),
@@ -395,6 +407,7 @@ fn flair_to_t1w(a: FlairArgs) -> Result<()> {
     );
     let c = &a.common;
     let s = setup(c, Some((a.controlnet_config.clone(), a.controlnet_weights.clone())), 7.0)?;
+    require_2d(&s, c)?;
     let records = flair_inputs(&a.input)?;
     let n = records.len().min(a.limit.unwrap_or(1000));
     let rows: Vec<usize> = match &a.rows {

@@ -181,6 +181,7 @@ pub fn translate(a: &FlairArgs) -> Result<()> {
     let pairs = pairs(&a.input, &c.output)?;
     ensure!(!pairs.is_empty(), "{}: no .nii or .nii.gz files", a.input.display());
     let s = setup(c, Some((a.controlnet_config.clone(), a.controlnet_weights.clone())), 7.0)?;
+    super::require_2d(&s, c)?;
     let crop = resolve_crop(a, &s)?;
     let (h, w) = (crop.rows.len() as i64, crop.cols.len() as i64);
     s.models.autoencoder.model.check_reconstructable_size(&[h, w], &format!("the crop {crop}"))?;

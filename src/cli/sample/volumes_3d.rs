@@ -161,7 +161,6 @@ pub(super) fn run(a: Args3d) -> Result<()> {
     if let Some(w) = &window {
         w.validate(3)?;
     }
-    std::fs::create_dir_all(&c.output).with_context(|| format!("cannot create {}", c.output.display()))?;
     // The jobs, and the controls checked before anything is sampled: a bad one is reported at once.
     let jobs: Vec<Job> = match &a.control {
         Some(control) => {
@@ -184,6 +183,15 @@ pub(super) fn run(a: Args3d) -> Result<()> {
             .collect(),
     };
     ensure!(!jobs.is_empty(), "--num 0: no volumes to sample");
+    if let Some(control) = &a.control {
+        let dir = if control.is_dir() { control.as_path() } else { control.parent().unwrap_or(Path::new(".")) };
+        let same = matches!((dir.canonicalize(), c.output.canonicalize()), (Ok(x), Ok(y)) if x == y);
+        ensure!(
+            !same,
+            "--output {} holds the control volumes, whose names the outputs take: choose another folder",
+            c.output.display()
+        );
+    }
     for path in jobs.iter().filter_map(|j| j.control.as_ref()) {
         let dims: Vec<i64> = SliceReader::open(path)?.dims().iter().map(|&d| d as i64).collect();
         ae.check_reconstructable_size(&dims, &path.display().to_string())?;
@@ -206,6 +214,7 @@ pub(super) fn run(a: Args3d) -> Result<()> {
         }
     };
     let scale = a.conditioning_scale.or(s.section.controlnet_scale).unwrap_or(1.0);
+    std::fs::create_dir_all(&c.output).with_context(|| format!("cannot create {}", c.output.display()))?;
     let settings = settings(
         c,
         &s,
