@@ -78,6 +78,8 @@ fixtures: setup
 	$(VPY) tests/gen_resnet_fixtures.py --out $(FIXTURES)/resnet
 	$(VPY) tests/gen_metric_fixtures.py --out $(FIXTURES)/metrics
 	$(VPY) tests/gen_fid_fixtures.py --wheel $(FID_WHEEL) --out $(FIXTURES)/fid
+	$(VPY) tests/gen_sliding_window_fixtures.py --out $(FIXTURES)/sliding_window
+	$(VPY) tests/gen_bundle_fixtures.py --out $(FIXTURES)/bundles
 
 test: fixtures
 	# docs/reference-configs.md's cost tables against a fresh count from the configs (about 30 s).

@@ -3,7 +3,8 @@
 //! baselines), sample diversity, and FID/KID. Images are read as the reference reads them
 //! (`u8 / 255`, no reorientation); the metrics themselves live in `crate::metrics`.
 use crate::amp::Precision;
-use crate::data::loader::{load_png, stack_images, PairRecord};
+use crate::data::loader::PairRecord;
+use crate::io::png::{load_png, stack_images};
 use crate::metrics::regression::{mae, psnr, MeanStd};
 use crate::metrics::ssim::{ms_ssim, ms_ssim_diversity, SsimConfig};
 use crate::nets::AutoencoderKL;
@@ -216,9 +217,7 @@ pub fn write_tsv(path: &Path, names: &[&str], rows: &[PerImage]) -> Result<()> {
         let vals: Vec<String> = r.values.iter().map(|v| format!("{v}")).collect();
         text.push_str(&format!("{}\t{}\n", r.file, vals.join("\t")));
     }
-    let tmp = crate::data::volume::temporary_path(path)?;
-    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    crate::io::atomic::write_bytes(path, text.as_bytes())
 }
 
 /// The feature network of FID/KID.

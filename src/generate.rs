@@ -6,8 +6,9 @@ use crate::amp::Precision;
 use crate::checkpoint::{load_model, Loaded, StateDict};
 use crate::config::{self, read_json};
 use crate::nets::{AutoencoderKL, ControlNet, DiffusionModelUNet};
-use crate::sampling::{decode_latent, initial_noise, sample_latent, Control, TextConditioning};
+use crate::sampling::{decode_latent, decode_latent_windowed, initial_noise, sample_latent, Control, TextConditioning};
 use crate::schedulers::{self, SchedulerConfig, SchedulerKind};
+use crate::sliding_window::SlidingWindowConfig;
 use crate::text::context::PromptContexts;
 use crate::train::stages::META_SCALE_FACTOR;
 use anyhow::{bail, ensure, Context, Result};
@@ -33,6 +34,9 @@ pub struct SamplingSection {
     pub latent_shape: Option<Vec<i64>>,
     #[serde(default)]
     pub controlnet_scale: Option<f64>,
+    /// 3-D models: the voxel size (mm, `[x, y, z]`) written into generated volumes' headers.
+    #[serde(default)]
+    pub voxel_size: Option<Vec<f64>>,
     /// The networks' precision when the command line gives none (default fp32).
     #[serde(default)]
     pub precision: Option<Precision>,
@@ -196,11 +200,9 @@ impl Models {
         Ok(Self { autoencoder, unet, controlnet, scale_factor })
     }
 
-    /// The latent shape `(channels, h, w)` of an image of `(h, w)` pixels.
-    pub fn latent_shape(&self, h: i64, w: i64) -> [i64; 3] {
-        let c = self.autoencoder.model.config();
-        let f = 1i64 << (c.channels.len() - 1);
-        [c.latent_channels, h / f, w / f]
+    /// The latent shape `[channels, spatial...]` of an image of `spatial` size.
+    pub fn latent_shape(&self, spatial: &[i64]) -> Vec<i64> {
+        self.autoencoder.model.config().latent_shape(spatial)
     }
 }
 
@@ -264,17 +266,20 @@ pub struct Sampler<'a> {
     /// from a batch run bit for bit: libtorch's CPU kernels take another path for a batch of one
     /// (about 1e-6 apart), which many steps can turn into a different PNG level.
     pub match_batch: bool,
+    /// Decode by a sliding window over the latent (MONAI's `SlidingWindowInferer`), so the decoder's
+    /// activations never span the whole latent; `None`: decode it whole.
+    pub decode_window: Option<&'a SlidingWindowConfig>,
     pub device: Device,
 }
 
 impl Sampler<'_> {
-    /// Images `(B, 1, H, W)` in the decoder's range (not clipped) for `seeds`, each from
-    /// `initial_noise(latent_shape, seed)` as the reference draws it. `control`: the FLAIR
-    /// slices `(B, 1, H, W)` for ControlNet sampling.
+    /// Images `(B, 1, H, W)` (volumes `(B, 1, X, Y, Z)`) in the decoder's range (not clipped) for `seeds`, each
+    /// from `initial_noise([1] + latent_shape, seed)` as the reference draws it; `latent_shape` is
+    /// `[channels, spatial...]`. `control`: the FLAIR slices (control volumes) for ControlNet sampling.
     pub fn sample(
         &self,
         seeds: &[i64],
-        latent_shape: [i64; 3],
+        latent_shape: &[i64],
         control: Option<&Tensor>,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
@@ -284,8 +289,8 @@ impl Sampler<'_> {
             let inner = Sampler { match_batch: false, scheduler: self.scheduler.clone(), ..*self };
             return Ok(inner.sample(&pair, latent_shape, control.as_ref(), on_step)?.narrow(0, 0, 1));
         }
-        let [c, h, w] = latent_shape;
-        let noise: Vec<Tensor> = seeds.iter().map(|&s| initial_noise(&[1, c, h, w], s, self.device)).collect();
+        let one = [&[1], latent_shape].concat();
+        let noise: Vec<Tensor> = seeds.iter().map(|&s| initial_noise(&one, s, self.device)).collect();
         let noise = Tensor::cat(&noise, 0);
         let mut scheduler = schedulers::build(self.scheduler_kind, &self.scheduler)?;
         scheduler.set_timesteps(self.steps)?;
@@ -303,24 +308,10 @@ impl Sampler<'_> {
         let latent = sample_latent(unet, ctrl.as_ref(), scheduler.as_mut(), &noise, &text, self.precision, on_step)?;
         // The decoder stays in float32: it runs once per image (~3 % of a 20-step bf16 sample at the reference
         // configs), and in bf16 it alone took ~1 dB off the bf16-vs-fp32 PSNR (39.6-39.9 -> 40.8-41.0 dB there).
-        decode_latent(&self.models.autoencoder.model, &latent, self.models.scale_factor, Precision::Fp32)
+        let ae = &self.models.autoencoder.model;
+        match self.decode_window {
+            None => decode_latent(ae, &latent, self.models.scale_factor, Precision::Fp32),
+            Some(w) => decode_latent_windowed(ae, &latent, self.models.scale_factor, w),
+        }
     }
-}
-
-/// The reference's PNG quantisation of one `(1, H, W)` or `(H, W)` image: clip to [0, 1], ×255,
-/// truncate to u8 (`astype(np.uint8)`). Written to a temporary file, then renamed.
-pub fn save_png(path: &Path, image: &Tensor) -> Result<()> {
-    let img = image.detach().to_device(Device::Cpu).to_kind(tch::Kind::Float);
-    let img = match img.dim() {
-        2 => img,
-        3 => img.squeeze_dim(0),
-        n => bail!("save_png: expected (1, H, W) or (H, W), got {n} dimensions ({:?})", img.size()),
-    };
-    let (h, w) = img.size2()?;
-    let values: Vec<f32> = Vec::try_from(img.clamp(0.0, 1.0).flatten(0, -1))?;
-    let bytes: Vec<u8> = values.iter().map(|&v| (v * 255.0) as u8).collect();
-    let png = image::GrayImage::from_raw(w as u32, h as u32, bytes).context("image buffer size")?;
-    let tmp = crate::data::volume::temporary_path(path)?;
-    png.save_with_format(&tmp, image::ImageFormat::Png).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }

@@ -10,6 +10,7 @@
 use crate::amp::Precision;
 use crate::nets::{AutoencoderKL, Conditioning, ControlNet, DiffusionModelUNet};
 use crate::schedulers::Scheduler;
+use crate::sliding_window::{sliding_window_inference, SlidingWindowConfig};
 use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -177,4 +178,20 @@ pub fn decode_latent(
         autoencoder.decode_stage_2_outputs(&(latent / scale_factor))?
     };
     image.f_to_kind(Kind::Float).map_err(Into::into)
+}
+
+/// [`decode_latent`] (float32) by MONAI's sliding window over `latent / scale_factor`: the decoder runs on one
+/// window of `window.roi_size` latent voxels at a time and the windows' images are blended, so its activations are
+/// bounded by the window, not the latent. Equal to `SlidingWindowInferer(...)(latent / scale_factor,
+/// autoencoder.decode_stage_2_outputs)` with the same settings.
+pub fn decode_latent_windowed(
+    autoencoder: &AutoencoderKL,
+    latent: &Tensor,
+    scale_factor: f64,
+    window: &SlidingWindowConfig,
+) -> Result<Tensor> {
+    ensure!(scale_factor != 0.0 && scale_factor.is_finite(), "scale_factor must be finite and non-zero");
+    let _guard = tch::no_grad_guard();
+    let z = latent.f_to_kind(Kind::Float)? / scale_factor;
+    sliding_window_inference(&z, window, |w| autoencoder.decode_stage_2_outputs(w))
 }

@@ -180,7 +180,7 @@ fn bad_unet_and_controlnet_configs_name_the_problem() {
     assert!(e.contains("num_res_blocks"), "{e}");
     let e = unet_err(DiffusionModelUNetConfig { dropout_cattn: 1.5, ..base.clone() });
     assert!(e.contains("dropout_cattn"), "{e}");
-    let e = unet_err(DiffusionModelUNetConfig { spatial_dims: 3, ..base.clone() });
+    let e = unet_err(DiffusionModelUNetConfig { spatial_dims: 4, ..base.clone() });
     assert!(e.contains("spatial_dims"), "{e}");
 
     let cn = ControlNetConfig { conditioning_embedding_num_channels: vec![], ..Default::default() };
@@ -238,7 +238,7 @@ fn bad_aekl_configs_name_the_problem() {
         ("out_channels", AutoencoderKLConfig { out_channels: -1, ..base.clone() }),
         ("latent_channels", AutoencoderKLConfig { latent_channels: 0, ..base.clone() }),
         ("norm_num_groups", AutoencoderKLConfig { norm_num_groups: 0, ..base.clone() }),
-        ("spatial_dims", AutoencoderKLConfig { spatial_dims: 3, ..base.clone() }),
+        ("spatial_dims", AutoencoderKLConfig { spatial_dims: 4, ..base.clone() }),
         (
             "channels must not be empty",
             AutoencoderKLConfig { channels: vec![], attention_levels: vec![], ..base.clone() },

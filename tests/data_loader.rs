@@ -6,7 +6,8 @@ mod common;
 use common::{fixtures, max_abs_diff};
 use medgen::checkpoint::StateDict;
 use medgen::data::augment::{Affine, AugmentConfig, AugmentParams};
-use medgen::data::loader::{load_png, read_list, DataLoader, LoaderConfig};
+use medgen::data::loader::{read_list, DataLoader, LoaderConfig};
+use medgen::io::png::load_png;
 use serde_json::Value;
 use std::path::Path;
 use tch::Tensor;
@@ -233,7 +234,7 @@ fn a_batch_of_mixed_sizes_is_an_error_naming_both_files() {
 /// The size check the sampler, the metrics and the grids share.
 #[test]
 fn stack_images_names_both_files() {
-    use medgen::data::loader::stack_images;
+    use medgen::io::png::stack_images;
     let a = Tensor::zeros([1, 4, 6], (tch::Kind::Float, tch::Device::Cpu));
     let b = Tensor::zeros([1, 4, 5], (tch::Kind::Float, tch::Device::Cpu));
     let (pa, pb) = (Path::new("a.png"), Path::new("b.png"));

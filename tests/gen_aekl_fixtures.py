@@ -57,6 +57,28 @@ CASES = {
              num_res_blocks=1, attention_levels=[False, True], norm_num_groups=4,
              with_encoder_nonlocal_attn=True, with_decoder_nonlocal_attn=True),
         (1, 1, 33, 35), BOTH),
+    # Volumes (spatial_dims=3): 3-D convs, the asymmetric (0, 1) padding per dimension, attention over h*w*d.
+    "3d_attn_nonlocal": (
+        dict(spatial_dims=3, in_channels=1, out_channels=1, channels=[8, 16, 16], latent_channels=3,
+             num_res_blocks=[1, 2, 1], attention_levels=[False, False, True], norm_num_groups=4,
+             with_encoder_nonlocal_attn=True, with_decoder_nonlocal_attn=True),
+        (1, 1, 16, 12, 8), BOTH),
+    "3d_convtranspose": (
+        dict(spatial_dims=3, in_channels=1, out_channels=2, channels=[8, 16], latent_channels=4,
+             num_res_blocks=1, attention_levels=[False, True], norm_num_groups=4,
+             with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False, use_convtranspose=True),
+        (2, 1, 8, 8, 12), BOTH),
+    "3d_odd_size": (
+        dict(spatial_dims=3, in_channels=1, out_channels=1, channels=[8, 16], latent_channels=3,
+             num_res_blocks=1, attention_levels=[False, False], norm_num_groups=4,
+             with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False),
+        (1, 1, 9, 10, 7), BOTH),
+    # The model zoo's 3-D brats_mri_generative_diffusion autoencoder layout (no output projection), narrowed.
+    "3d_brats_layout": (
+        dict(spatial_dims=3, in_channels=1, out_channels=1, channels=[8, 16, 32], latent_channels=8,
+             num_res_blocks=1, attention_levels=[False, False, False], norm_num_groups=8,
+             with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False, include_fc=False),
+        (1, 1, 16, 16, 8), ("monai",)),
     # Options only MONAI core has.
     "no_fc": (
         dict(spatial_dims=2, in_channels=1, out_channels=1, channels=[8, 16], latent_channels=3,

@@ -85,11 +85,14 @@ def build(net):
     return model, tv_model, gen
 
 
+FAKE_3D_SEED = 99
+
+
 def lin_path(net):
     return os.path.join(os.path.dirname(os.path.abspath(lpips.__file__)), "weights", "v0.1", f"{net}.pth")
 
 
-def monai_loss(net, model):
+def monai_loss(net, model, **kw):
     """MONAI's PerceptualLoss with our LPIPS injected in place of the one it would build (which downloads)."""
 
     def inject(**kwargs):
@@ -99,7 +102,7 @@ def monai_loss(net, model):
     original = monai_perceptual.LPIPS
     monai_perceptual.LPIPS = inject
     try:
-        loss = monai.losses.PerceptualLoss(spatial_dims=2, network_type=net)
+        loss = monai.losses.PerceptualLoss(network_type=net, **({"spatial_dims": 2} | kw))
     finally:
         monai_perceptual.LPIPS = original
     assert loss.perceptual_function is model
@@ -158,6 +161,18 @@ def main():
             assert torch.equal(loss, torch.mean(model(x.repeat(1, 3, 1, 1), y.repeat(1, 3, 1, 1))))
             out["monai_loss_if_normalized"] = torch.mean(model(x, y, normalize=True))
 
+        # Volumes: MONAI's 2.5-D loss (is_fake_3d, its default for spatial_dims=3), slices drawn by torch.randperm
+        # from the global generator, seeded here and on the Rust side.
+        loss3 = monai_loss(net, model, spatial_dims=3, is_fake_3d=True, fake_3d_ratio=0.3)
+        v = torch.rand(1, 1, 32, 40, 36, generator=gen)
+        w = torch.rand(1, 1, 32, 40, 36, generator=gen)
+        out["fake3d_input"], out["fake3d_target"] = v, w
+        vg = v.clone().requires_grad_(True)
+        torch.manual_seed(FAKE_3D_SEED)
+        l3 = loss3(vg, w)
+        l3.backward()
+        out["fake3d_loss"], out["fake3d_grad_input"] = l3.detach(), vg.grad
+
         d = os.path.join(args.out, net)
         os.makedirs(d, exist_ok=True)
         backbone = tv_model.state_dict()
@@ -170,6 +185,7 @@ def main():
         save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(d, "io.safetensors"))
         manifest.append({
             "net": net, "dir": net, "lin_weights": lin_path(net), "torchvision_model": NETS[net],
+            "fake_3d": {"seed": FAKE_3D_SEED, "ratio": 0.3},
             "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
                          "lpips": getattr(lpips, "__version__", "0.1.4"), "monai": monai.__version__},
         })

@@ -189,6 +189,50 @@ def size_error_cases(gen, tensors, manifest):
                          "monai_error": messages[0], "generative_error": messages[1]})
 
 
+# Volumes (spatial_dims=3): name -> (images, shape, constructor arguments). MONAI's 3-D window (the 2-D product
+# repeated along the depth and multiplied by the depth Gaussian), conv3d and avg_pool3d.
+VOLUME_CASES = {
+    "vol_correlated_2x1x48x40x36_k7_w3": ("correlated", (2, 1, 48, 40, 36),
+                                          dict(spatial_dims=3, kernel_size=7, weights=(0.2, 0.3, 0.5))),
+    "vol_smooth_1x2x64x64x64_k3_sigmas": ("smooth", (1, 2, 64, 64, 64),
+                                          dict(spatial_dims=3, kernel_size=3, kernel_sigma=(1.5, 1.0, 0.8))),
+    "vol_uniform_2x1x40x48x24_k573_w2": ("correlated", (2, 1, 40, 48, 24),
+                                         dict(spatial_dims=3, kernel_type="uniform", kernel_size=(5, 7, 3),
+                                              weights=(0.5, 0.5))),
+    "vol_anticorrelated_1x1x32x32x32_k5_w2": ("anticorrelated", (1, 1, 32, 32, 32),
+                                              dict(spatial_dims=3, kernel_size=5, weights=(0.4, 0.6))),
+}
+
+
+def volume_pair(gen, kind, shape):
+    x = torch.rand(shape, generator=gen)
+    if kind == "smooth":
+        x = torch.nn.functional.avg_pool3d(x, 5, stride=1, padding=2, count_include_pad=False)
+        y = (x + 0.05 * torch.randn(shape, generator=gen)).clamp(0, 1)
+    elif kind == "correlated":
+        y = (x + 0.1 * torch.randn(shape, generator=gen)).clamp(0, 1)
+    elif kind == "anticorrelated":
+        y = 1 - x
+    else:
+        raise ValueError(kind)
+    return x, y
+
+
+def volume_cases(gen, tensors, manifest):
+    for name, (kind, shape, params) in VOLUME_CASES.items():
+        x, y = volume_pair(gen, kind, shape)
+        tensors[f"{name}/x"], tensors[f"{name}/y"] = x, y
+        sp = {k: v for k, v in params.items() if k != "weights"}
+        tensors[f"{name}/ssim.monai"] = NewSsim(**monai_ssim_args(params))(x, y)
+        tensors[f"{name}/ssim.generative"] = OldSsim(**sp)(x, y)
+        new, old = NewMsSsim(**params)(x, y), OldMsSsim(**params)(x, y)
+        tensors[f"{name}/ms_ssim.monai"], tensors[f"{name}/ms_ssim.generative"] = new, old
+        assert torch.equal(new, old), name
+        manifest.append({"name": name, "kind": "pair", "params": params, "shape": list(shape),
+                         "dtype": str(x.dtype)})
+        print(f"{name:34} ms_ssim {new.flatten().tolist()}", file=sys.stderr)
+
+
 def diversity_images(gen, kind, shape):
     n, c, h, w = shape
     if kind == "blobs":
@@ -256,6 +300,7 @@ def main():
         ssim_cases(gen, tensors, manifest)
         size_error_cases(gen, tensors, manifest)
         diversity_cases(gen, tensors, manifest)
+        volume_cases(gen, tensors, manifest)
     mean_std_cases(tensors, manifest)
     torch.save({k: v.contiguous() for k, v in tensors.items()}, os.path.join(args.out, "tensors.pt"))
     with open(os.path.join(args.out, "manifest.json"), "w") as f:

@@ -75,6 +75,19 @@ UNET_CASES = {
     "dropout_cattn_eval": (small(**COND, dropout_cattn=0.3), 2, (8, 8), [30], 4, BOTH, {}),
     # One context for the whole batch: MONAI's einsum attention broadcasts it (monai-generative's bmm cannot).
     "context_batch1": (small(**COND), 3, (8, 8), [30], 4, ("monai",), {"context_batch": 1}),
+    # Volumes (spatial_dims=3): attention over the flattened h*w*d positions, 3-D convs, pooling and upsampling.
+    "3d_cond": (small(**COND, spatial_dims=3), 2, (8, 8, 4), [10], 5, BOTH, {}),
+    "3d_uncond_updown": (small(spatial_dims=3, resblock_updown=True, num_head_channels=8), 1, (4, 8, 4), [999], 0,
+                         BOTH, {}),
+    "3d_residuals": (small(spatial_dims=3, num_res_blocks=[1, 2, 1]), 2, (4, 4, 4), [5, 6], 0, BOTH,
+                     {"residuals": True}),
+    "3d_class_embeds": (small(spatial_dims=3, num_class_embeds=3), 2, (4, 4, 4), [5, 6], 0, BOTH,
+                        {"class_labels": [2, 0]}),
+    # The layout of the model zoo's 3-D brats_mri_generative_diffusion UNet (attention without output projection),
+    # narrowed.
+    "3d_brats_layout": (small(spatial_dims=3, in_channels=8, channels=[16, 16, 32], attention_levels=[False, True, True],
+                              num_head_channels=[0, 8, 8], num_res_blocks=2, include_fc=False,
+                              use_combined_linear=False), 1, (8, 4, 4), [300], 0, ("monai",), {}),
 }
 
 # name -> (ControlNet params (MONAI names), batch, latent HxW, timesteps, context tokens, libs, conditioning_scale)
@@ -96,6 +109,11 @@ CONTROLNET_CASES = {
                  ("monai",), 1.0),
     "cn_combined_linear_uncond": (small(use_combined_linear=True, conditioning_embedding_num_channels=[8, 16]),
                                   2, (8, 8), [7, 9], 0, ("monai",), 1.0),
+    "cn_3d_cond": (small(**COND, spatial_dims=3, conditioning_embedding_num_channels=[8, 16]), 1, (4, 8, 4), [7], 4,
+                   BOTH, 1.0),
+    "cn_3d_uncond_updown": (small(spatial_dims=3, resblock_updown=True, num_head_channels=8,
+                                  conditioning_embedding_num_channels=[8, 8, 16]), 2, (4, 4, 4), [7, 900], 0, BOTH,
+                            0.5),
 }
 
 # ControlNet initialised from a trained UNet: name -> (UNet params, ControlNet extra params, libs)
@@ -218,7 +236,7 @@ def controlnet_cases(args, manifest):
             perturb(model, gen)
             f = 2 ** (len(ctor["conditioning_embedding_num_channels"]) - 1)
             x = torch.randn((batch, ctor["in_channels"], *hw), generator=gen)
-            cond = torch.rand((batch, ctor.get("conditioning_embedding_in_channels", 1), hw[0] * f, hw[1] * f),
+            cond = torch.rand((batch, ctor.get("conditioning_embedding_in_channels", 1), *(n * f for n in hw)),
                               generator=gen)
             t = timesteps_tensor(ts)
             io = {"x": x, "timesteps": t, "controlnet_cond": cond}

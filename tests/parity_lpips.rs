@@ -116,6 +116,21 @@ fn lpips_and_perceptual_loss_match_lpips_and_monai() {
         loss.backward();
         table.check(case, "PerceptualLoss d/d input", &x.grad(), &t("monai_grad_input"));
 
+        // Volumes: the 2.5-D loss (slices along each axis, a seeded random 30 % of them), value and gradient.
+        let cfg3 = PerceptualLossConfig { spatial_dims: 3, fake_3d_ratio: 0.3, ..cfg.clone() };
+        let loss3_fn = PerceptualLoss::new(&cfg3, Device::Cpu).unwrap();
+        let v = leaf(&t("fake3d_input"));
+        tch::manual_seed(99);
+        let l3 = loss3_fn.forward(&v, &t("fake3d_target")).unwrap();
+        table.check(case, "PerceptualLoss 2.5-D value", &l3, &t("fake3d_loss"));
+        l3.backward();
+        table.check(case, "PerceptualLoss 2.5-D d/d input", &v.grad(), &t("fake3d_grad_input"));
+        // Other slices (another seed) give another value: the draws matter, so the check above tests them.
+        tch::manual_seed(100);
+        let other = f64::try_from(loss3_fn.forward(&v.detach(), &t("fake3d_target")).unwrap()).unwrap();
+        let want3 = f64::try_from(t("fake3d_loss")).unwrap();
+        table.require(case, "2.5-D slices are drawn", (other - want3).abs() > 1e-7, format!("{other} == {want3}"));
+
         let _g = tch::no_grad_guard();
         // Quirk 1: no [-1, 1] rescale. The fixture must be able to tell: the rescaled loss is far off.
         let normalized = f64::try_from(t("monai_loss_if_normalized")).unwrap();
@@ -178,15 +193,19 @@ fn missing_backbone_is_an_error() {
 
 #[test]
 fn config_is_checked() {
-    let e = serde_json::from_str::<PerceptualLossConfig>(r#"{"network_type": "squeeze", "is_fake_3d": true}"#)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("is_fake_3d"), "{e}");
+    let e =
+        serde_json::from_str::<PerceptualLossConfig>(r#"{"network_type": "squeeze", "is_fake_3d": true, "colour": 1}"#)
+            .unwrap_err()
+            .to_string();
+    assert!(e.contains("colour"), "{e}");
     let e = serde_json::from_str::<PerceptualLossConfig>(r#"{"network_type": "resnet50"}"#).unwrap_err().to_string();
     assert!(e.contains("resnet50"), "{e}");
-    let cfg = PerceptualLossConfig { spatial_dims: 3, ..PerceptualLossConfig::new(LpipsNet::Squeeze) };
+    let cfg =
+        PerceptualLossConfig { spatial_dims: 3, is_fake_3d: false, ..PerceptualLossConfig::new(LpipsNet::Squeeze) };
     let e = err_text(PerceptualLoss::new(&cfg, Device::Cpu));
-    assert!(e.contains("spatial_dims 3"), "{e}");
+    assert!(e.contains("spatial_dims 3") && e.contains("MedicalNet"), "{e}");
+    let cfg = PerceptualLossConfig { spatial_dims: 4, ..PerceptualLossConfig::new(LpipsNet::Squeeze) };
+    assert!(err_text(PerceptualLoss::new(&cfg, Device::Cpu)).contains("spatial_dims must be 2 or 3"));
     assert_eq!("VGG".parse::<LpipsNet>().unwrap(), LpipsNet::Vgg, "MONAI lower-cases network_type");
 }
 

@@ -1,7 +1,7 @@
 //! `medgen synth`: tissue contrast and lesions on the reference crop, placement of the crop,
 //! determinism, and the data set on disk (layout, grid, resume).
 use medgen::data::synth::{subject_paths, Manifest, SubjectVolumes, SynthParams, Synthesizer, Tissue, MANIFEST_FILE};
-use medgen::data::volume::read_volume;
+use medgen::io::volume::read_volume;
 use ndarray::{s, Array3, ArrayView3};
 use std::path::{Path, PathBuf};
 use std::process::Command;

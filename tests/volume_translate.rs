@@ -6,7 +6,7 @@ mod common;
 
 use common::run::{configs, medgen, ok, s};
 use medgen::checkpoint::{Generation, StateDict};
-use medgen::data::volume::read_volume;
+use medgen::io::volume::read_volume;
 use medgen::nets::{AutoencoderKL, ControlNet, DiffusionModelUNet};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -153,14 +153,7 @@ pub fn write<'a>(
     let meta: Option<HashMap<String, String>> =
         if metadata.is_empty() { None } else { Some(metadata.clone().into_iter().collect()) };
     let refs: Vec<(String, &Bytes)> = items.iter().map(|(n, b)| (n.clone(), b)).collect();
-    let tmp = tmp_path(path);
-    safetensors::serialize_to_file(refs, meta, &tmp).map_err(|e| anyhow!("cannot write {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
-    Ok(())
-}
-
-/// A sibling temporary path, unique per process, for write-then-rename.
-pub fn tmp_path(path: &Path) -> std::path::PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp{}", std::process::id()))
+    crate::io::atomic::write_with(path, |tmp| {
+        safetensors::serialize_to_file(refs, meta, tmp).map_err(|e| anyhow!("cannot write {}: {e}", tmp.display()))
+    })
 }

@@ -7,17 +7,54 @@ use tch::Device;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    #[command(flatten)]
-    m: ModelArgs,
-    /// torch.save checkpoint (zip or legacy) or safetensors.
+    #[arg(long, value_enum, required_unless_present = "bundle")]
+    model: Option<ModelKind>,
+    /// JSON config (the reference layout, e.g. configs/aekl_v0.json, or bare parameters).
+    #[arg(long, required_unless_present = "bundle")]
+    config: Option<PathBuf>,
+    /// Entry of a training checkpoint holding the weights (e.g. `state_dict`, `model.ema`).
     #[arg(long)]
-    input: PathBuf,
-    /// Output .safetensors (written atomically).
+    key: Option<String>,
+    /// torch.save checkpoint (zip or legacy) or safetensors.
+    #[arg(long, required_unless_present = "bundle")]
+    input: Option<PathBuf>,
+    /// A MONAI model-zoo bundle (a folder with configs/inference.json and models/) to convert as a whole, instead of
+    /// --model/--config/--input: its networks by `_target_`, their weights, scheduler and sampling settings
+    /// (docs/porting.md#model-zoo-bundles).
+    #[arg(long, conflicts_with_all = ["model", "config", "input", "key"])]
+    bundle: Option<PathBuf>,
+    /// Output .safetensors (written atomically); with --bundle, the folder the configs and weights go to.
     #[arg(long)]
     output: PathBuf,
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if let Some(dir) = &a.bundle {
+        let c = crate::bundle::convert_bundle(dir, &a.output)
+            .with_context(|| format!("cannot convert the bundle {}", dir.display()))?;
+        for f in &c.files {
+            println!("wrote {}", f.display());
+        }
+        if let Some(note) = c.summary.get("conditioning").and_then(|n| n.as_str()) {
+            eprintln!("note: {note}");
+        }
+        return Ok(());
+    }
+    let (Some(model), Some(config), Some(input)) = (a.model, a.config.clone(), a.input.clone()) else {
+        anyhow::bail!("convert needs --model, --config and --input (or --bundle)")
+    };
+    let m = ModelArgs { model, config, key: a.key.clone() };
+    let a = Single { m, input, output: a.output };
+    run_single(a)
+}
+
+struct Single {
+    m: ModelArgs,
+    input: PathBuf,
+    output: PathBuf,
+}
+
+fn run_single(a: Single) -> Result<()> {
     let (loaded_sd, generation, cfg_json) = match a.m.model {
         ModelKind::Aekl => {
             let l = a.m.load_aekl(&a.input, Device::Cpu)?;

@@ -152,10 +152,7 @@ pub fn run(a: Args) -> Result<()> {
 fn write_json(dir: &Path, name: &str, v: &Value) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join(name);
-    let tmp = crate::data::volume::temporary_path(&path)?;
-    std::fs::write(&tmp, serde_json::to_string_pretty(v)?)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    crate::io::atomic::write_bytes(&path, serde_json::to_string_pretty(v)?.as_bytes())?;
     println!("{}", serde_json::to_string(v)?);
     eprintln!("wrote {}", path.display());
     Ok(())
@@ -386,9 +383,7 @@ fn report(a: ReportArgs) -> Result<()> {
             md.push_str(&format!("\n**{caption}**: missing ({})\n", path.display()));
         }
     }
-    let tmp = crate::data::volume::temporary_path(&a.output)?;
-    std::fs::write(&tmp, &md).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &a.output).with_context(|| format!("cannot write {}", a.output.display()))?;
+    crate::io::atomic::write_bytes(&a.output, md.as_bytes())?;
     eprintln!("wrote {}", a.output.display());
     Ok(())
 }

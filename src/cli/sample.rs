@@ -1,10 +1,11 @@
 //! `medgen sample t1w` and `medgen sample flair-to-t1w`: the reference sampling scripts
 //! (`sample_t1w.py`, `sample_flair_to_t1w.py`) with a seed per image and batches.
 use crate::amp::Precision;
-use crate::data::loader::{load_png, read_list, stack_images, PairRecord};
+use crate::data::loader::{read_list, PairRecord};
 use crate::data::preprocess::Span;
 use crate::device;
-use crate::generate::{save_png, ModelPaths, Models, Sampler, SamplerChoice, SamplingSection, Text};
+use crate::generate::{ModelPaths, Models, Sampler, SamplerChoice, SamplingSection, Text};
+use crate::io::png::{load_png, save_grid, save_png, stack_images};
 use crate::nets::AutoencoderKL;
 use crate::schedulers::{SchedulerConfig, SchedulerKind};
 use crate::text::context::PromptContexts;
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 use tch::Tensor;
 
 mod volume;
+mod volumes_3d;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -30,6 +32,9 @@ enum Task {
     T1w(T1wArgs),
     /// T1w slices translated from FLAIR slices by the ControlNet (`sample_flair_to_t1w.py`).
     FlairToT1w(FlairArgs),
+    /// Volumes from a 3-D LDM, or translated from control volumes by a 3-D ControlNet, as NIfTI (docs/volumes.md).
+    #[command(name = "3d")]
+    ThreeD(volumes_3d::Args3d),
 }
 
 /// What both tasks load and how they sample.
@@ -78,9 +83,9 @@ struct Common {
     /// Latent scale factor (default: recorded in the LDM weights by `medgen train`, else the config's).
     #[arg(long)]
     scale_factor: Option<f64>,
-    /// Images sampled together.
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
+    /// Images sampled together [default: 8; 1 for `sample 3d`, whose images are volumes].
+    #[arg(long)]
+    batch_size: Option<usize>,
     /// Keep images already in --output (made with the same settings) instead of sampling them again.
     #[arg(long)]
     skip_existing: bool,
@@ -145,8 +150,12 @@ pub fn run(a: Args) -> Result<()> {
     match a.task {
         Task::T1w(t) => t1w(t),
         Task::FlairToT1w(f) => flair_to_t1w(f),
+        Task::ThreeD(v) => volumes_3d::run(v),
     }
 }
+
+/// The default `--batch-size` of slice sampling.
+const SLICE_BATCH: usize = 8;
 
 /// One image to make: its seed, its output name, and for FLAIR->T1w its inputs.
 struct Job {
@@ -190,7 +199,7 @@ fn setup(c: &Common, controlnet: Option<(PathBuf, PathBuf)>, default_guidance: f
         (None, true) => Precision::Fp32,
         (None, false) => section.precision.unwrap_or_default(),
     };
-    ensure!(c.batch_size > 0, "--batch-size must be positive");
+    ensure!(c.batch_size != Some(0), "--batch-size must be positive");
     Ok(Setup { models, text, section, section_path, scheduler_kind, scheduler, sampler_steps, precision, device })
 }
 
@@ -232,9 +241,7 @@ fn write_manifest(out: &Path, settings: &Value, jobs: &[Job]) -> Result<()> {
         jobs.iter().map(|j| json!({"seed": j.seed, "image": j.name, "flair": j.flair, "t1w": j.t1w})).collect();
     let text = serde_json::to_string_pretty(&json!({"settings": settings, "images": images}))?;
     let path = out.join("manifest.json");
-    let tmp = crate::data::volume::temporary_path(&path)?;
-    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))
+    crate::io::atomic::write_bytes(&path, text.as_bytes())
 }
 
 /// Stores one sampled image of a job, with its FLAIR input if any.
@@ -259,6 +266,7 @@ fn run_jobs(
         conditioning_scale,
         precision: s.precision,
         match_batch: c.match_batch,
+        decode_window: None,
         device: s.device,
     };
     let todo: Vec<&Job> = jobs.iter().filter(|j| !(c.skip_existing && c.output.join(&j.name).exists())).collect();
@@ -267,7 +275,7 @@ fn run_jobs(
     }
     let pb = super::progress_bar(todo.len() as u64, what, "images");
     let start = std::time::Instant::now();
-    for chunk in todo.chunks(c.batch_size) {
+    for chunk in todo.chunks(c.batch_size.unwrap_or(SLICE_BATCH)) {
         let seeds: Vec<i64> = chunk.iter().map(|j| j.seed).collect();
         let flair_paths: Option<Vec<&Path>> = chunk.iter().map(|j| j.flair.as_deref()).collect();
         let flair = match flair_paths {
@@ -277,7 +285,7 @@ fn run_jobs(
             }
             None => None,
         };
-        let images = sampler.sample(&seeds, latent_shape, flair.as_ref(), &mut |i, n| {
+        let images = sampler.sample(&seeds, &latent_shape, flair.as_ref(), &mut |i, n| {
             pb.set_message(format!("step {i}/{n}"));
         })?;
         let images = images.to_device(tch::Device::Cpu);
@@ -297,7 +305,7 @@ fn run_jobs(
 }
 
 fn latent_shape(s: &Setup, h: i64, w: i64) -> Result<[i64; 3]> {
-    let want = s.models.latent_shape(h, w);
+    let want: [i64; 3] = s.models.latent_shape(&[h, w]).try_into().expect("two spatial axes and the channels");
     if let Some(l) = &s.section.latent_shape {
         ensure!(
             l.as_slice() == want,
@@ -322,9 +330,21 @@ fn configured_latent_shape(s: &Setup, l: &[i64]) -> Result<[i64; 3]> {
     Ok(shape)
 }
 
+/// The slice tasks need a 2-D autoencoder; a 3-D one samples volumes.
+fn require_2d(s: &Setup, c: &Common) -> Result<()> {
+    let dims = s.models.autoencoder.model.config().spatial_dims;
+    ensure!(
+        dims == 2,
+        "{} is a {dims}-D autoencoder: sample its volumes with `medgen sample 3d` (docs/volumetric.md)",
+        c.stage1_config.display()
+    );
+    Ok(())
+}
+
 fn t1w(a: T1wArgs) -> Result<()> {
     let c = &a.common;
     let s = setup(c, None, 0.0)?;
+    require_2d(&s, c)?;
     let seeds: Vec<i64> = match &a.seeds {
         Some(v) => v.clone(),
         None => (0..a.num as i64).map(|i| a.start_seed + i).collect(),
@@ -387,6 +407,7 @@ fn flair_to_t1w(a: FlairArgs) -> Result<()> {
     );
     let c = &a.common;
     let s = setup(c, Some((a.controlnet_config.clone(), a.controlnet_weights.clone())), 7.0)?;
+    require_2d(&s, c)?;
     let records = flair_inputs(&a.input)?;
     let n = records.len().min(a.limit.unwrap_or(1000));
     let rows: Vec<usize> = match &a.rows {
@@ -460,7 +481,7 @@ fn check_inputs(jobs: &[Job], autoencoder: &AutoencoderKL) -> Result<(i64, i64)>
         );
     }
     let (h, w) = (first_size[1], first_size[2]);
-    autoencoder.check_reconstructable_size(h, w, &first.display().to_string())?;
+    autoencoder.check_reconstructable_size(&[h, w], &first.display().to_string())?;
     Ok((h, w))
 }
 
@@ -475,5 +496,5 @@ fn grid(out: &Path, cells: &[Vec<PathBuf>], cols: i64) -> Result<()> {
     if imgs.is_empty() {
         bail!("no images for the grid");
     }
-    crate::train::run::save_grid(&out.join("grid.png"), &stack_images(&imgs, &paths)?, cols)
+    save_grid(&out.join("grid.png"), &stack_images(&imgs, &paths)?, cols)
 }

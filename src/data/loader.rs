@@ -1,10 +1,13 @@
 //! The training data loader: a `t1w`/`flair` TSV list and its PNGs, read as the reference reads
-//! them (8-bit grayscale, `u8 / 255.0`), augmented with one draw per sample for both images,
+//! them (8-bit grayscale, `u8 / 255.0`), or its NIfTI volumes (3-D models, `data::volumes`), augmented with one draw per sample for both images,
 //! batched, and decoded in parallel (rayon) on a background thread ahead of the training step.
 //!
 //! Everything random (the order and each sample's augmentation) is a function of the seed, the
 //! epoch and the sample's row, not of thread timing: the same seed gives the same batches.
 use super::augment::AugmentConfig;
+use super::volumes::load_volume;
+use crate::io::png::{load_png, stack_images};
+use crate::io::volume::is_volume_name;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -47,45 +50,6 @@ pub fn read_list(path: &Path) -> Result<Vec<PairRecord>> {
         records.push(PairRecord { t1w: field(t1w_col)?, flair: flair_col.map(field).transpose()? });
     }
     Ok(records)
-}
-
-/// A PNG as a `(1, H, W)` float32 tensor, `u8 / 255.0` (a division, as MONAI's
-/// `ScaleIntensityRanged` does; multiplying by 1/255 differs in the last bit).
-pub fn load_png(path: &Path) -> Result<Tensor> {
-    let img = image::open(path).with_context(|| format!("cannot read image {}", path.display()))?;
-    let gray = match img {
-        image::DynamicImage::ImageLuma8(g) => g,
-        other => bail!("{}: expected an 8-bit grayscale PNG, got {:?}", path.display(), other.color()),
-    };
-    let (w, h) = gray.dimensions();
-    let values: Vec<f32> = gray.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
-    Ok(Tensor::from_slice(&values).view([1, h as i64, w as i64]))
-}
-
-/// `images` stacked into one `(B, ...)` batch, each checked against the first: a size that differs is an
-/// error naming both files and both sizes (libtorch would panic).
-pub fn stack_images(images: &[Tensor], paths: &[&Path]) -> Result<Tensor> {
-    ensure!(!images.is_empty() && images.len() == paths.len(), "no images to put in a batch");
-    let first = images[0].size();
-    for (img, path) in images.iter().zip(paths).skip(1) {
-        ensure!(
-            img.size() == first,
-            "images of different sizes cannot share a batch: {} is {}, {} is {}",
-            paths[0].display(),
-            image_size(&first),
-            path.display(),
-            image_size(&img.size())
-        );
-    }
-    Ok(Tensor::f_stack(images, 0)?)
-}
-
-/// `HxW` of a `(.., H, W)` image, the way image sizes are usually written.
-fn image_size(s: &[i64]) -> String {
-    match s {
-        [.., h, w] => format!("{h}x{w}"),
-        _ => format!("{s:?}"),
-    }
 }
 
 /// One batch: `(B, 1, H, W)` images, the list rows they came from, and which samples drop their
@@ -147,6 +111,31 @@ fn sample_rng(seed: u64, epoch: u64, row: usize) -> ChaCha8Rng {
     r
 }
 
+/// A PNG slice `(1, H, W)`, or a NIfTI volume `(1, X, Y, Z)` normalised as [`crate::data::volumes`] says.
+fn load_image(path: &Path) -> Result<Tensor> {
+    if is_volume_name(path) {
+        load_volume(path)
+    } else {
+        load_png(path)
+    }
+}
+
+/// Whether a list names NIfTI volumes (3-D training) rather than PNG slices; a list mixing both is an error
+/// naming one of each.
+pub fn lists_volumes(records: &[PairRecord]) -> Result<bool> {
+    let paths = || records.iter().flat_map(|r| std::iter::once(&r.t1w).chain(r.flair.as_ref()));
+    let volume = paths().find(|p| is_volume_name(p));
+    let slice = paths().find(|p| !is_volume_name(p));
+    match (volume, slice) {
+        (Some(v), Some(s)) => bail!(
+            "the list mixes NIfTI volumes ({}) and 2-D images ({}): a model trains on one or the other",
+            v.display(),
+            s.display()
+        ),
+        (v, _) => Ok(v.is_some()),
+    }
+}
+
 fn load_sample(rec: &PairRecord, cfg: &LoaderConfig, epoch: u64, row: usize) -> Result<(Tensor, Option<Tensor>, bool)> {
     let mut rng = sample_rng(cfg.seed, epoch, row);
     let params = cfg.augment.map(|a| a.draw(&mut rng)).unwrap_or_default();
@@ -158,10 +147,10 @@ fn load_sample(rec: &PairRecord, cfg: &LoaderConfig, epoch: u64, row: usize) -> 
             Ok(img)
         }
     };
-    let t1w = aug(load_png(&rec.t1w)?)?;
+    let t1w = aug(load_image(&rec.t1w)?)?;
     let flair = if cfg.with_flair {
         let p = rec.flair.as_ref().with_context(|| format!("row {row}: the list has no flair column"))?;
-        let f = aug(load_png(p)?)?;
+        let f = aug(load_image(p)?)?;
         ensure!(
             f.size() == t1w.size(),
             "row {row}: FLAIR {} is {:?}, T1w {} is {:?}",
@@ -185,6 +174,10 @@ impl DataLoader {
         if let Some((rank, world)) = cfg.shard {
             ensure!(world > 0 && rank < world, "shard {rank} of {world} does not exist");
         }
+        ensure!(
+            cfg.augment.is_none() || !lists_volumes(&records)?,
+            "the augmentations are 2-D: volumes are loaded without them"
+        );
         if cfg.with_flair {
             if let Some(i) = records.iter().position(|r| r.flair.is_none()) {
                 bail!("row {i} has no flair image, which ControlNet training needs");

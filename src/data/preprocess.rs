@@ -5,7 +5,8 @@
 //! crop in float32, `* 255` truncated to u8. Where the reference would crash or write garbage
 //! (no FLAIR, a volume smaller than the crop, a constant or non-finite crop, an unreadable file)
 //! the volume is skipped with its reason instead, and the run goes on.
-use crate::data::volume::{temporary_path, SliceReader};
+use crate::io::atomic::temporary_path;
+use crate::io::volume::SliceReader;
 use anyhow::{bail, ensure, Context, Result};
 use image::codecs::png::PngEncoder;
 use image::{ExtendedColorType, ImageEncoder};

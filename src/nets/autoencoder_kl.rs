@@ -1,4 +1,4 @@
-//! AutoencoderKL (2D), after MONAI 1.6.1 `monai/networks/nets/autoencoderkl.py` and
+//! AutoencoderKL (2D and 3D), after MONAI 1.6.1 `monai/networks/nets/autoencoderkl.py` and
 //! monai-generative 0.2.3 `generative/networks/nets/autoencoderkl.py` (same architecture,
 //! two naming generations; see `checkpoint::naming`).
 //!
@@ -9,8 +9,8 @@
 //! come from two 1x1 convs), there is no SiLU between the last GroupNorm and `conv_out`, and
 //! each decoder level has `num_res_blocks` (not `+1`) ResBlocks.
 use super::blocks::{
-    conv_transpose2d, group_norm, AttentionMath, AttentionOptions, Convolution, SpatialAttentionBlock,
-    TransposedConvolution,
+    group_norm, upsample_nearest_x2, AttentionMath, AttentionOptions, ConvNd, ConvSpec, Convolution,
+    SpatialAttentionBlock, TransposedConvolution,
 };
 use crate::checkpoint::Generation;
 use anyhow::{bail, ensure, Result};
@@ -71,9 +71,20 @@ impl Default for AutoencoderKLConfig {
 }
 
 impl AutoencoderKLConfig {
+    /// The latent `[latent_channels, spatial...]` of an image of `spatial` size: every axis halved at each level
+    /// but the last.
+    pub fn latent_shape(&self, spatial: &[i64]) -> Vec<i64> {
+        let f = 1i64 << (self.channels.len() - 1);
+        std::iter::once(self.latent_channels).chain(spatial.iter().map(|s| s / f)).collect()
+    }
+
     /// The checks MONAI's constructor makes, plus what this port supports.
     pub fn validate(&self) -> Result<()> {
-        ensure!(self.spatial_dims == 2, "AutoencoderKL: only spatial_dims = 2 is supported, got {}", self.spatial_dims);
+        ensure!(
+            matches!(self.spatial_dims, 2 | 3),
+            "AutoencoderKL: spatial_dims must be 2 or 3, got {}",
+            self.spatial_dims
+        );
         ensure!(!self.channels.is_empty(), "AutoencoderKL: channels must not be empty");
         ensure!(self.norm_num_groups > 0, "AutoencoderKL: norm_num_groups must be positive");
         ensure!(
@@ -134,13 +145,14 @@ struct AEKLResBlock {
 }
 
 impl AEKLResBlock {
-    fn new(p: &nn::Path, cin: i64, cout: i64, groups: i64, eps: f64) -> Self {
+    fn new(p: &nn::Path, d: i64, cin: i64, cout: i64, groups: i64, eps: f64) -> Self {
         Self {
             norm1: group_norm(&(p / "norm1"), groups, cin, eps),
-            conv1: Convolution::new(&(p / "conv1"), cin, cout, 3, 1, 1),
+            conv1: Convolution::new(&(p / "conv1"), ConvSpec::new(d, cin, cout, 3, 1, 1)),
             norm2: group_norm(&(p / "norm2"), groups, cout, eps),
-            conv2: Convolution::new(&(p / "conv2"), cout, cout, 3, 1, 1),
-            nin_shortcut: (cin != cout).then(|| Convolution::new(&(p / "nin_shortcut"), cin, cout, 1, 1, 0)),
+            conv2: Convolution::new(&(p / "conv2"), ConvSpec::new(d, cout, cout, 3, 1, 1)),
+            nin_shortcut: (cin != cout)
+                .then(|| Convolution::new(&(p / "nin_shortcut"), ConvSpec::new(d, cin, cout, 1, 1, 0))),
         }
     }
 }
@@ -156,15 +168,17 @@ impl Module for AEKLResBlock {
     }
 }
 
-/// Pads right and bottom by one, then a stride-2 conv with no padding.
+/// Pads each spatial dimension by one at its end, then a stride-2 conv with no padding.
 #[derive(Debug)]
 struct AEKLDownsample {
     conv: Convolution,
+    /// `(0, 1)` per spatial dimension.
+    pad: Vec<i64>,
 }
 
 impl Module for AEKLDownsample {
     fn forward(&self, x: &Tensor) -> Tensor {
-        x.constant_pad_nd([0, 1, 0, 1]).apply(&self.conv)
+        x.constant_pad_nd(self.pad.as_slice()).apply(&self.conv)
     }
 }
 
@@ -174,7 +188,7 @@ enum Upsample {
     /// key `postconv.conv.*` (monai-generative: `conv.conv.*`, renamed on load).
     Nearest { postconv: Convolution },
     /// MONAI `UpSample(mode="deconv")`: ConvTranspose k2 s2, key `deconv.*`.
-    Deconv { deconv: nn::ConvTranspose2D },
+    Deconv { deconv: ConvNd },
     /// monai-generative `Upsample(use_convtranspose=True)`: ConvTranspose k3 s2 p1
     /// output_padding 1, key `conv.conv.*`. Its weights cannot become MONAI's k2 deconv.
     LegacyDeconv { conv: TransposedConvolution },
@@ -183,10 +197,7 @@ enum Upsample {
 impl Module for Upsample {
     fn forward(&self, x: &Tensor) -> Tensor {
         match self {
-            Upsample::Nearest { postconv } => {
-                let (h, w) = (x.size()[2], x.size()[3]);
-                x.upsample_nearest2d([2 * h, 2 * w], 2.0, 2.0).apply(postconv)
-            }
+            Upsample::Nearest { postconv } => upsample_nearest_x2(x).apply(postconv),
             Upsample::Deconv { deconv } => x.apply(deconv),
             Upsample::LegacyDeconv { conv } => x.apply(conv),
         }
@@ -264,35 +275,35 @@ fn attention(p: &nn::Path, c: i64, cfg: &AutoencoderKLConfig, generation: Genera
 
 impl Encoder {
     fn new(p: &nn::Path, cfg: &AutoencoderKLConfig, generation: Generation) -> Self {
-        let (g, eps) = (cfg.norm_num_groups, cfg.norm_eps);
+        let (d, g, eps) = (cfg.spatial_dims, cfg.norm_num_groups, cfg.norm_eps);
         let ch = &cfg.channels;
         let nrb = cfg.num_res_blocks.expand(ch.len());
         let mut b = BlockList::new(p);
-        b.push(Block::Conv(Convolution::new(&b.next(), cfg.in_channels, ch[0], 3, 1, 1)));
+        b.push(Block::Conv(Convolution::new(&b.next(), ConvSpec::new(d, cfg.in_channels, ch[0], 3, 1, 1))));
         let mut out_c = ch[0];
         for i in 0..ch.len() {
             let mut in_c = out_c;
             out_c = ch[i];
             for _ in 0..nrb[i] {
-                b.push(Block::Res(AEKLResBlock::new(&b.next(), in_c, out_c, g, eps)));
+                b.push(Block::Res(AEKLResBlock::new(&b.next(), d, in_c, out_c, g, eps)));
                 in_c = out_c;
                 if cfg.attention_levels[i] {
                     b.push(attention(&b.next(), in_c, cfg, generation));
                 }
             }
             if i != ch.len() - 1 {
-                let conv = Convolution::new(&(b.next() / "conv"), in_c, in_c, 3, 2, 0);
-                b.push(Block::Down(AEKLDownsample { conv }));
+                let conv = Convolution::new(&(b.next() / "conv"), ConvSpec::new(d, in_c, in_c, 3, 2, 0));
+                b.push(Block::Down(AEKLDownsample { conv, pad: [0, 1].repeat(d as usize) }));
             }
         }
         let last = *ch.last().unwrap();
         if cfg.with_encoder_nonlocal_attn {
-            b.push(Block::Res(AEKLResBlock::new(&b.next(), last, last, g, eps)));
+            b.push(Block::Res(AEKLResBlock::new(&b.next(), d, last, last, g, eps)));
             b.push(attention(&b.next(), last, cfg, generation));
-            b.push(Block::Res(AEKLResBlock::new(&b.next(), last, last, g, eps)));
+            b.push(Block::Res(AEKLResBlock::new(&b.next(), d, last, last, g, eps)));
         }
         b.push(Block::Norm(group_norm(&b.next(), g, last, eps)));
-        b.push(Block::Conv(Convolution::new(&b.next(), last, cfg.latent_channels, 3, 1, 1)));
+        b.push(Block::Conv(Convolution::new(&b.next(), ConvSpec::new(d, last, cfg.latent_channels, 3, 1, 1))));
         Self { blocks: b.blocks }
     }
 }
@@ -305,23 +316,23 @@ impl Module for Encoder {
 
 impl Decoder {
     fn new(p: &nn::Path, cfg: &AutoencoderKLConfig, generation: Generation) -> Self {
-        let (g, eps) = (cfg.norm_num_groups, cfg.norm_eps);
+        let (d, g, eps) = (cfg.spatial_dims, cfg.norm_num_groups, cfg.norm_eps);
         let rev: Vec<i64> = cfg.channels.iter().rev().copied().collect();
         let rev_attn: Vec<bool> = cfg.attention_levels.iter().rev().copied().collect();
         let rev_nrb: Vec<i64> = cfg.num_res_blocks.expand(rev.len()).into_iter().rev().collect();
         let mut b = BlockList::new(p);
-        b.push(Block::Conv(Convolution::new(&b.next(), cfg.latent_channels, rev[0], 3, 1, 1)));
+        b.push(Block::Conv(Convolution::new(&b.next(), ConvSpec::new(d, cfg.latent_channels, rev[0], 3, 1, 1))));
         if cfg.with_decoder_nonlocal_attn {
-            b.push(Block::Res(AEKLResBlock::new(&b.next(), rev[0], rev[0], g, eps)));
+            b.push(Block::Res(AEKLResBlock::new(&b.next(), d, rev[0], rev[0], g, eps)));
             b.push(attention(&b.next(), rev[0], cfg, generation));
-            b.push(Block::Res(AEKLResBlock::new(&b.next(), rev[0], rev[0], g, eps)));
+            b.push(Block::Res(AEKLResBlock::new(&b.next(), d, rev[0], rev[0], g, eps)));
         }
         let mut out_c = rev[0];
         for i in 0..rev.len() {
             let mut in_c = out_c;
             out_c = rev[i];
             for _ in 0..rev_nrb[i] {
-                b.push(Block::Res(AEKLResBlock::new(&b.next(), in_c, out_c, g, eps)));
+                b.push(Block::Res(AEKLResBlock::new(&b.next(), d, in_c, out_c, g, eps)));
                 in_c = out_c;
                 if rev_attn[i] {
                     b.push(attention(&b.next(), in_c, cfg, generation));
@@ -330,22 +341,21 @@ impl Decoder {
             if i != rev.len() - 1 {
                 let p = b.next();
                 let up = match (cfg.use_convtranspose, generation) {
-                    (false, _) => {
-                        Upsample::Nearest { postconv: Convolution::new(&(&p / "postconv"), in_c, in_c, 3, 1, 1) }
-                    }
-                    (true, Generation::Monai) => {
-                        let c = nn::ConvTransposeConfig { stride: 2, ..Default::default() };
-                        Upsample::Deconv { deconv: conv_transpose2d(&p / "deconv", in_c, in_c, 2, c) }
-                    }
-                    (true, Generation::Generative) => {
-                        Upsample::LegacyDeconv { conv: TransposedConvolution::new(&(&p / "conv"), in_c, in_c, 3, 2, 1) }
-                    }
+                    (false, _) => Upsample::Nearest {
+                        postconv: Convolution::new(&(&p / "postconv"), ConvSpec::new(d, in_c, in_c, 3, 1, 1)),
+                    },
+                    (true, Generation::Monai) => Upsample::Deconv {
+                        deconv: ConvNd::transposed(&(&p / "deconv"), ConvSpec::new(d, in_c, in_c, 2, 2, 0), 0),
+                    },
+                    (true, Generation::Generative) => Upsample::LegacyDeconv {
+                        conv: TransposedConvolution::new(&(&p / "conv"), ConvSpec::new(d, in_c, in_c, 3, 2, 1)),
+                    },
                 };
                 b.push(Block::Up(up));
             }
         }
         b.push(Block::Norm(group_norm(&b.next(), g, out_c, eps)));
-        b.push(Block::Conv(Convolution::new(&b.next(), out_c, cfg.out_channels, 3, 1, 1)));
+        b.push(Block::Conv(Convolution::new(&b.next(), ConvSpec::new(d, out_c, cfg.out_channels, 3, 1, 1))));
         Self { blocks: b.blocks }
     }
 }
@@ -372,13 +382,13 @@ impl AutoencoderKL {
     /// attention formula (equal up to float rounding).
     pub fn new(p: &nn::Path, config: &AutoencoderKLConfig, generation: Generation) -> Result<Self> {
         config.validate()?;
-        let l = config.latent_channels;
+        let one_by_one = ConvSpec::new(config.spatial_dims, config.latent_channels, config.latent_channels, 1, 1, 0);
         Ok(Self {
             encoder: Encoder::new(&(p / "encoder"), config, generation),
             decoder: Decoder::new(&(p / "decoder"), config, generation),
-            quant_conv_mu: Convolution::new(&(p / "quant_conv_mu"), l, l, 1, 1, 0),
-            quant_conv_log_sigma: Convolution::new(&(p / "quant_conv_log_sigma"), l, l, 1, 1, 0),
-            post_quant_conv: Convolution::new(&(p / "post_quant_conv"), l, l, 1, 1, 0),
+            quant_conv_mu: Convolution::new(&(p / "quant_conv_mu"), one_by_one),
+            quant_conv_log_sigma: Convolution::new(&(p / "quant_conv_log_sigma"), one_by_one),
+            post_quant_conv: Convolution::new(&(p / "post_quant_conv"), one_by_one),
             config: config.clone(),
         })
     }
@@ -389,9 +399,13 @@ impl AutoencoderKL {
 
     fn check_input(&self, x: &Tensor, channels: i64, what: &str) -> Result<()> {
         let s = x.size();
-        ensure!(s.len() == 4, "{what} must be (batch, channels, height, width), got shape {s:?}");
+        let layout = match self.config.spatial_dims {
+            2 => "(batch, channels, height, width)",
+            _ => "(batch, channels, height, width, depth)",
+        };
+        ensure!(s.len() == 2 + self.config.spatial_dims as usize, "{what} must be {layout}, got shape {s:?}");
         ensure!(s[1] == channels, "{what} must have {channels} channels, got shape {s:?}");
-        ensure!(s[2] > 0 && s[3] > 0, "{what} has an empty spatial size: {s:?}");
+        ensure!(s[2..].iter().all(|&n| n > 0), "{what} has an empty spatial size: {s:?}");
         ensure!(
             x.is_floating_point(),
             "{what} must be a floating-point tensor, got {:?} (AutoencoderKL weights are float)",
@@ -405,22 +419,23 @@ impl AutoencoderKL {
         1 << (self.config.channels.len() - 1)
     }
 
-    /// Checks an image batch `(B, C, H, W)` can be encoded and decoded back to its own size, as a
-    /// reconstruction loss or metric needs: H and W multiples of `2^(levels - 1)`. MONAI (and
+    /// Checks an image batch `(B, C, H, W[, D])` can be encoded and decoded back to its own size, as a
+    /// reconstruction loss or metric needs: every spatial size a multiple of `2^(levels - 1)`. MONAI (and
     /// [`encode`](Self::encode)) take other sizes too, and then reconstruct a smaller image.
     pub fn check_reconstructable(&self, x: &Tensor, what: &str) -> Result<()> {
         self.check_input(x, self.config.in_channels, what)?;
-        let s = x.size();
-        self.check_reconstructable_size(s[2], s[3], what)
+        self.check_reconstructable_size(&x.size()[2..], what)
     }
 
-    /// The size rule of [`check_reconstructable`](Self::check_reconstructable) for an image of
-    /// `h`x`w` not yet read into a tensor (a list of PNGs, a volume's crop).
-    pub fn check_reconstructable_size(&self, h: i64, w: i64, what: &str) -> Result<()> {
+    /// The size rule of [`check_reconstructable`](Self::check_reconstructable) for an image whose spatial
+    /// size is `size` (`[h, w]` or `[h, w, d]`), not yet read into a tensor (a list of PNGs, a volume's crop).
+    pub fn check_reconstructable_size(&self, size: &[i64], what: &str) -> Result<()> {
         let f = self.downsampling();
+        let shown = size.iter().map(|n| n.to_string()).collect::<Vec<_>>().join("x");
+        let sides = if size.len() == 3 { "a height, width and depth" } else { "a height and width" };
         ensure!(
-            h % f == 0 && w % f == 0,
-            "{what} is {h}x{w}: this AutoencoderKL ({} levels) needs a height and width that are multiples of {f} \
+            size.iter().all(|&n| n % f == 0),
+            "{what} is {shown}: this AutoencoderKL ({} levels) needs {sides} that are multiples of {f} \
              (2^(levels-1)) to reconstruct an image of the same size",
             self.config.channels.len()
         );
@@ -432,13 +447,15 @@ impl AutoencoderKL {
         self.check_input(x, self.config.in_channels, "encoder input")?;
         // Each stride-2 downsampling conv (3x3, padding 0 before and 1 after) needs 2 pixels.
         let (s, f) = (x.size(), self.downsampling());
-        ensure!(
-            s[2] >= f && s[3] >= f,
-            "encoder input is {}x{}: this AutoencoderKL ({} levels) needs at least {f}x{f} pixels",
-            s[2],
-            s[3],
-            self.config.channels.len()
-        );
+        if s[2..].iter().any(|&n| n < f) {
+            let shown = |v: &[i64]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>().join("x");
+            bail!(
+                "encoder input is {}: this AutoencoderKL ({} levels) needs at least {} pixels",
+                shown(&s[2..]),
+                self.config.channels.len(),
+                shown(&vec![f; s.len() - 2])
+            );
+        }
         let h = self.encoder.forward(x);
         let z_mu = h.apply(&self.quant_conv_mu);
         let z_log_var = h.apply(&self.quant_conv_log_sigma).clamp(-30.0, 20.0);

@@ -22,11 +22,100 @@ impl PerLevel {
     }
 }
 
+/// `nn.Conv{2,3}d` or `nn.ConvTranspose{2,3}d` with a square kernel, stride and padding: MONAI's networks are
+/// dimension-generic (`spatial_dims`), so the number of spatial dimensions is a run-time value here. tch's
+/// `nn::Conv<[i64; N]>` fixes it at compile time, hence this small layer of its own (keys `weight`, `bias`).
+#[derive(Debug)]
+pub struct ConvNd {
+    pub ws: Tensor,
+    pub bs: Option<Tensor>,
+    dims: usize,
+    stride: i64,
+    padding: i64,
+    /// Transposed convolutions only.
+    output_padding: Option<i64>,
+}
+
+/// How a `ConvNd`'s weights start.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ConvInit {
+    /// PyTorch's `reset_parameters`.
+    Torch,
+    /// `zero_module(...)`: weights and bias zero.
+    Zero,
+}
+
+/// Sizes of a `ConvNd`.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvSpec {
+    pub spatial_dims: i64,
+    pub cin: i64,
+    pub cout: i64,
+    pub kernel: i64,
+    pub stride: i64,
+    pub padding: i64,
+}
+
+impl ConvSpec {
+    pub fn new(spatial_dims: i64, cin: i64, cout: i64, kernel: i64, stride: i64, padding: i64) -> Self {
+        Self { spatial_dims, cin, cout, kernel, stride, padding }
+    }
+}
+
+impl ConvNd {
+    /// `nn.ConvNd(cin, cout, kernel, stride, padding)`.
+    pub fn new(p: &nn::Path, s: ConvSpec, init: ConvInit) -> Self {
+        let dims = s.spatial_dims as usize;
+        let mut shape = vec![s.cout, s.cin];
+        shape.extend(std::iter::repeat_n(s.kernel, dims));
+        let fan_in = s.cin * s.kernel.pow(dims as u32);
+        let init = match init {
+            ConvInit::Torch => torch_default_init(fan_in),
+            ConvInit::Zero => nn::Init::Const(0.0),
+        };
+        // Bias first, as tch's `nn::conv`: a from-scratch network draws its initial weights in this order.
+        let bs = Some(p.var("bias", &[s.cout], init));
+        let ws = p.var("weight", &shape, init);
+        Self { ws, bs, dims, stride: s.stride, padding: s.padding, output_padding: None }
+    }
+
+    /// `nn.ConvTransposeNd(cin, cout, kernel, stride, padding, output_padding)`: the weight is (cin, cout, k, ...),
+    /// and PyTorch takes its fan-in from dimension 1.
+    pub fn transposed(p: &nn::Path, s: ConvSpec, output_padding: i64) -> Self {
+        let dims = s.spatial_dims as usize;
+        let mut shape = vec![s.cin, s.cout];
+        shape.extend(std::iter::repeat_n(s.kernel, dims));
+        let init = torch_default_init(s.cout * s.kernel.pow(dims as u32));
+        // Bias first, as tch's `nn::conv`: a from-scratch network draws its initial weights in this order.
+        let bs = Some(p.var("bias", &[s.cout], init));
+        let ws = p.var("weight", &shape, init);
+        Self { ws, bs, dims, stride: s.stride, padding: s.padding, output_padding: Some(output_padding) }
+    }
+}
+
+impl Module for ConvNd {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        let d = self.dims;
+        let (st, pa, di) = (vec![self.stride; d], vec![self.padding; d], vec![1i64; d]);
+        // The same ATen entry points as torch.nn's `F.conv2d`/`F.conv3d` (and transposed), so results are bit
+        // for bit PyTorch's.
+        match (d, self.output_padding) {
+            (2, None) => xs.conv2d(&self.ws, self.bs.as_ref(), st, pa, di, 1),
+            (3, None) => xs.conv3d(&self.ws, self.bs.as_ref(), st, pa, di, 1),
+            (2, Some(op)) => xs.conv_transpose2d(&self.ws, self.bs.as_ref(), st, pa, [op, op], 1, di),
+            (3, Some(op)) => xs.conv_transpose3d(&self.ws, self.bs.as_ref(), st, pa, [op, op, op], 1, di),
+            (1, None) => xs.conv1d(&self.ws, self.bs.as_ref(), st, pa, di, 1),
+            (1, Some(op)) => xs.conv_transpose1d(&self.ws, self.bs.as_ref(), st, pa, [op], 1, di),
+            _ => unreachable!("ConvNd of {d} spatial dimensions: configs are validated to 1-3"),
+        }
+    }
+}
+
 /// `monai.networks.blocks.Convolution(conv_only=True)`: an `nn.Sequential` whose one child is
 /// named `conv`, hence the extra `.conv` in every key (`P.conv.weight`).
 #[derive(Debug)]
 pub struct Convolution {
-    conv: nn::Conv2D,
+    conv: ConvNd,
 }
 
 /// PyTorch's `reset_parameters` for convs and linears: weight `kaiming_uniform_(a=sqrt(5))` and
@@ -37,25 +126,6 @@ pub fn torch_default_init(fan_in: i64) -> nn::Init {
     nn::Init::Uniform { lo: -bound, up: bound }
 }
 
-/// `nn.Conv2d` initialised as PyTorch does.
-pub fn conv2d(p: nn::Path, cin: i64, cout: i64, kernel: i64, cfg: nn::ConvConfig) -> nn::Conv2D {
-    let init = torch_default_init(cin / cfg.groups * kernel * kernel);
-    nn::conv2d(p, cin, cout, kernel, nn::ConvConfig { ws_init: init, bs_init: init, ..cfg })
-}
-
-/// `nn.ConvTranspose2d` initialised as PyTorch does: its fan-in is taken from dimension 1 of
-/// the (cin, cout/groups, k, k) weight.
-pub fn conv_transpose2d(
-    p: nn::Path,
-    cin: i64,
-    cout: i64,
-    kernel: i64,
-    cfg: nn::ConvTransposeConfig,
-) -> nn::ConvTranspose2D {
-    let init = torch_default_init(cout / cfg.groups * kernel * kernel);
-    nn::conv_transpose2d(p, cin, cout, kernel, nn::ConvTransposeConfig { ws_init: init, bs_init: init, ..cfg })
-}
-
 /// `nn.Linear` initialised as PyTorch does.
 pub fn linear(p: nn::Path, i: i64, o: i64, bias: bool) -> nn::Linear {
     let init = torch_default_init(i);
@@ -63,28 +133,15 @@ pub fn linear(p: nn::Path, i: i64, o: i64, bias: bool) -> nn::Linear {
 }
 
 impl Convolution {
-    pub fn new(p: &nn::Path, cin: i64, cout: i64, kernel: i64, stride: i64, padding: i64) -> Self {
-        let cfg = nn::ConvConfig { stride, padding, ..Default::default() };
-        Self { conv: conv2d(p / "conv", cin, cout, kernel, cfg) }
+    pub fn new(p: &nn::Path, s: ConvSpec) -> Self {
+        Self { conv: ConvNd::new(&(p / "conv"), s, ConvInit::Torch) }
     }
 
     /// MONAI's `zero_module(Convolution(...))`: weights and bias start at zero, so a
     /// residual branch or a ControlNet output starts as a no-op.
-    pub fn zeroed(p: &nn::Path, cin: i64, cout: i64, kernel: i64, stride: i64, padding: i64) -> Self {
-        Self { conv: zero_conv2d(&(p / "conv"), cin, cout, kernel, stride, padding) }
+    pub fn zeroed(p: &nn::Path, s: ConvSpec) -> Self {
+        Self { conv: ConvNd::new(&(p / "conv"), s, ConvInit::Zero) }
     }
-}
-
-/// A bare `nn.Conv2d` with zero weights and bias (`zero_module(nn.Conv2d(...))`).
-pub fn zero_conv2d(p: &nn::Path, cin: i64, cout: i64, kernel: i64, stride: i64, padding: i64) -> nn::Conv2D {
-    let cfg = nn::ConvConfig {
-        stride,
-        padding,
-        ws_init: nn::Init::Const(0.0),
-        bs_init: nn::Init::Const(0.0),
-        ..Default::default()
-    };
-    nn::conv2d(p, cin, cout, kernel, cfg)
 }
 
 impl Module for Convolution {
@@ -97,19 +154,40 @@ impl Module for Convolution {
 /// MONAI's `output_padding = stride - 1`.
 #[derive(Debug)]
 pub struct TransposedConvolution {
-    conv: nn::ConvTranspose2D,
+    conv: ConvNd,
 }
 
 impl TransposedConvolution {
-    pub fn new(p: &nn::Path, cin: i64, cout: i64, kernel: i64, stride: i64, padding: i64) -> Self {
-        let cfg = nn::ConvTransposeConfig { stride, padding, output_padding: stride - 1, ..Default::default() };
-        Self { conv: conv_transpose2d(p / "conv", cin, cout, kernel, cfg) }
+    pub fn new(p: &nn::Path, s: ConvSpec) -> Self {
+        Self { conv: ConvNd::transposed(&(p / "conv"), s, s.stride - 1) }
     }
 }
 
 impl Module for TransposedConvolution {
     fn forward(&self, xs: &Tensor) -> Tensor {
         xs.apply(&self.conv)
+    }
+}
+
+/// Nearest-neighbour upsampling by 2 in every spatial dimension (`F.interpolate(scale_factor=2.0,
+/// mode="nearest")`, which passes the scale on to ATen).
+pub fn upsample_nearest_x2(x: &Tensor) -> Tensor {
+    let s = x.size();
+    match s.len() {
+        4 => x.upsample_nearest2d([2 * s[2], 2 * s[3]], 2.0, 2.0),
+        5 => x.upsample_nearest3d([2 * s[2], 2 * s[3], 2 * s[4]], 2.0, 2.0, 2.0),
+        3 => x.upsample_nearest1d([2 * s[2]], 2.0),
+        n => unreachable!("upsampling a {n}-D tensor: configs are validated to 1-3 spatial dimensions"),
+    }
+}
+
+/// `AvgPool{2,3}d(kernel_size=2, stride=2)`.
+pub fn avg_pool_x2(x: &Tensor) -> Tensor {
+    match x.dim() {
+        4 => x.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None::<i64>),
+        5 => x.avg_pool3d([2, 2, 2], [2, 2, 2], [0, 0, 0], false, true, None::<i64>),
+        3 => x.avg_pool1d([2], [2], [0], false, true),
+        n => unreachable!("pooling a {n}-D tensor: configs are validated to 1-3 spatial dimensions"),
     }
 }
 

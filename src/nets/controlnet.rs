@@ -5,7 +5,7 @@
 //! A copy of the UNet's encoder half (same module names, so a trained UNet's weights copy
 //! over), a conditioning embedding added after `conv_in`, and one zero-initialised 1x1 conv
 //! per skip tensor and for the middle block.
-use super::blocks::{zero_conv2d, Convolution, PerLevel};
+use super::blocks::{ConvInit, ConvNd, ConvSpec, Convolution, PerLevel};
 use super::diffusion_model_unet::{Conditioning, DiffusionModelUNetConfig, Encoder, EncoderSpec};
 use crate::checkpoint::{self, naming, Generation, LoadReport, StateDict};
 use anyhow::{ensure, Result};
@@ -159,17 +159,18 @@ struct ConditioningEmbedding {
 }
 
 impl ConditioningEmbedding {
-    fn new(p: &nn::Path, cin: i64, channels: &[i64], cout: i64, generation: Generation) -> Self {
+    fn new(p: &nn::Path, d: i64, cin: i64, channels: &[i64], cout: i64, generation: Generation) -> Self {
         let mut blocks = Vec::new();
         for w in channels.windows(2) {
             let n = blocks.len();
-            blocks.push(Convolution::new(&(p / "blocks" / n), w[0], w[0], 3, 1, 1));
-            blocks.push(Convolution::new(&(p / "blocks" / (n + 1)), w[0], w[1], 3, 2, 1));
+            blocks.push(Convolution::new(&(p / "blocks" / n), ConvSpec::new(d, w[0], w[0], 3, 1, 1)));
+            blocks.push(Convolution::new(&(p / "blocks" / (n + 1)), ConvSpec::new(d, w[0], w[1], 3, 2, 1)));
         }
+        let last = *channels.last().unwrap();
         Self {
-            conv_in: Convolution::new(&(p / "conv_in"), cin, channels[0], 3, 1, 1),
+            conv_in: Convolution::new(&(p / "conv_in"), ConvSpec::new(d, cin, channels[0], 3, 1, 1)),
             blocks,
-            conv_out: Convolution::zeroed(&(p / "conv_out"), *channels.last().unwrap(), cout, 3, 1, 1),
+            conv_out: Convolution::zeroed(&(p / "conv_out"), ConvSpec::new(d, last, cout, 3, 1, 1)),
             generation,
         }
     }
@@ -192,11 +193,11 @@ impl ConditioningEmbedding {
     }
 }
 
-/// One zero conv per skip tensor. Entry 0 is a bare `nn.Conv2d` in both libraries (keys
+/// One zero conv per skip tensor. Entry 0 is a bare `nn.Conv{2,3}d` in both libraries (keys
 /// `controlnet_down_blocks.0.weight`), the others `Convolution`s (`.N.conv.weight`).
 #[derive(Debug)]
 enum ZeroConv {
-    Bare(nn::Conv2D),
+    Bare(ConvNd),
     Wrapped(Convolution),
 }
 
@@ -248,15 +249,16 @@ impl ControlNet {
         let spec = config.encoder();
         let encoder = Encoder::new(p, &spec, generation);
         let zp = p / "controlnet_down_blocks";
+        let d = spec.spatial_dims;
         let controlnet_down_blocks = encoder
             .skip_channels()
             .into_iter()
             .enumerate()
             .map(|(i, c)| {
                 if i == 0 {
-                    ZeroConv::Bare(zero_conv2d(&(&zp / 0), c, c, 1, 1, 0))
+                    ZeroConv::Bare(ConvNd::new(&(&zp / 0), ConvSpec::new(d, c, c, 1, 1, 0), ConvInit::Zero))
                 } else {
-                    ZeroConv::Wrapped(Convolution::zeroed(&(&zp / i), c, c, 1, 1, 0))
+                    ZeroConv::Wrapped(Convolution::zeroed(&(&zp / i), ConvSpec::new(d, c, c, 1, 1, 0)))
                 }
             })
             .collect();
@@ -264,13 +266,17 @@ impl ControlNet {
         Ok(Self {
             controlnet_cond_embedding: ConditioningEmbedding::new(
                 &(p / "controlnet_cond_embedding"),
+                d,
                 config.conditioning_embedding_in_channels,
                 &config.conditioning_embedding_num_channels,
                 spec.channels[0],
                 generation,
             ),
             controlnet_down_blocks,
-            controlnet_mid_block: Convolution::zeroed(&(p / "controlnet_mid_block"), last, last, 1, 1, 0),
+            controlnet_mid_block: Convolution::zeroed(
+                &(p / "controlnet_mid_block"),
+                ConvSpec::new(d, last, last, 1, 1, 0),
+            ),
             encoder,
             config: config.clone(),
         })
@@ -308,9 +314,11 @@ impl ControlNet {
     pub fn embed_condition(&self, controlnet_cond: &Tensor) -> Result<Tensor> {
         let cs = controlnet_cond.size();
         let cin = self.config.conditioning_embedding_in_channels;
+        let rank = 2 + self.config.spatial_dims as usize;
         ensure!(
-            cs.len() == 4 && cs[1] == cin,
-            "ControlNet: controlnet_cond must be (batch, {cin} channels, H, W), got shape {cs:?}"
+            cs.len() == rank && cs[1] == cin,
+            "ControlNet: controlnet_cond must be (batch, {cin} channels, {}), got shape {cs:?}",
+            if rank == 4 { "H, W" } else { "H, W, D" }
         );
         Ok(self.controlnet_cond_embedding.forward(controlnet_cond))
     }
@@ -328,7 +336,7 @@ impl ControlNet {
         let (xs, es) = (x.size(), embedded_cond.size());
         let width = self.config.channels[0];
         ensure!(
-            es.len() == 4 && es[0] == xs[0] && es[1] == width && es[2..] == xs[2..],
+            es.len() == xs.len() && es[0] == xs[0] && es[1] == width && es[2..] == xs[2..],
             "ControlNet: the embedded control image must be (batch {}, {width}, {:?}) as x, got shape {es:?}",
             xs[0],
             &xs[2..]
@@ -371,24 +379,23 @@ impl ControlNet {
     /// the embedding's stride-2 convs reduce to x's.
     pub fn check_cond(&self, x: &Tensor, controlnet_cond: &Tensor) -> Result<()> {
         let (xs, cs) = (x.size(), controlnet_cond.size());
-        ensure!(xs.len() == 4, "ControlNet: x must be (batch, channels, h, w), got shape {xs:?}");
+        let rank = 2 + self.config.spatial_dims as usize;
+        ensure!(xs.len() == rank, "ControlNet: x must be {}, got shape {xs:?}", self.config.encoder().layout());
         let f = self.conditioning_downsampling();
         let strides = self.config.conditioning_embedding_num_channels.len() - 1;
         // Each 3x3 stride-2 conv with padding 1 maps n to ceil(n / 2).
         let embedded = |n: i64| (0..strides).fold(n, |n, _| (n + 1) / 2);
         ensure!(
-            cs.len() == 4
+            cs.len() == rank
                 && cs[0] == xs[0]
                 && cs[1] == self.config.conditioning_embedding_in_channels
-                && embedded(cs[2]) == xs[2]
-                && embedded(cs[3]) == xs[3],
-            "ControlNet: controlnet_cond must be (batch {}, {} channels, H, W) with H, W reduced to x's {:?} by the \
-             conditioning embedding's {strides} stride-2 convs (e.g. {} x {}), got shape {cs:?}",
+                && cs[2..].iter().zip(&xs[2..]).all(|(&c, &x)| embedded(c) == x),
+            "ControlNet: controlnet_cond must be (batch {}, {} channels, spatial size) with the spatial size reduced \
+             to x's {:?} by the conditioning embedding's {strides} stride-2 convs (e.g. {:?}), got shape {cs:?}",
             xs[0],
             self.config.conditioning_embedding_in_channels,
             &xs[2..],
-            xs[2] * f,
-            xs[3] * f
+            xs[2..].iter().map(|&n| n * f).collect::<Vec<_>>()
         );
         Ok(())
     }

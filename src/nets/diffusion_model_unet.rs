@@ -4,7 +4,7 @@
 //!
 //! The encoder half (time embedding, `conv_in`, down blocks, middle block) is public to the
 //! crate because the ControlNet is built from the very same modules.
-use super::blocks::{group_norm, Convolution, PerLevel};
+use super::blocks::{group_norm, ConvSpec, Convolution, PerLevel};
 use super::unet_blocks::{DownBlock, Level, MidBlock, UpBlock};
 use crate::checkpoint::Generation;
 use anyhow::{bail, ensure, Result};
@@ -126,10 +126,18 @@ pub(crate) struct EncoderSpec {
 }
 
 impl EncoderSpec {
+    /// The input layout, for error messages.
+    pub fn layout(&self) -> &'static str {
+        match self.spatial_dims {
+            2 => "(batch, channels, height, width)",
+            _ => "(batch, channels, height, width, depth)",
+        }
+    }
+
     /// MONAI's constructor checks, plus the ones that would otherwise surface as a division
     /// by zero or a shape error deep inside a forward pass.
     pub fn validate(&self, model: &str) -> Result<()> {
-        ensure!(self.spatial_dims == 2, "{model}: only spatial_dims = 2 is supported, got {}", self.spatial_dims);
+        ensure!(matches!(self.spatial_dims, 2 | 3), "{model}: spatial_dims must be 2 or 3, got {}", self.spatial_dims);
         ensure!(!self.channels.is_empty(), "{model}: channels must not be empty");
         ensure!(self.norm_num_groups > 0, "{model}: norm_num_groups must be positive");
         ensure!(self.channels.iter().all(|&c| c > 0), "{model}: channels must be positive, got {:?}", self.channels);
@@ -266,7 +274,10 @@ impl Encoder {
         let lin = |n: &str, i, o| super::blocks::linear(p / "time_embed" / n, i, o, true);
         Self {
             spec: spec.clone(),
-            conv_in: Convolution::new(&(p / "conv_in"), spec.in_channels, ch[0], 3, 1, 1),
+            conv_in: Convolution::new(
+                &(p / "conv_in"),
+                ConvSpec::new(spec.spatial_dims, spec.in_channels, ch[0], 3, 1, 1),
+            ),
             time_embed_0: lin("0", ch[0], temb),
             time_embed_2: lin("2", temb, temb),
             class_embedding: spec
@@ -302,11 +313,11 @@ impl Encoder {
     ) -> Result<Option<Tensor>> {
         let spec = &self.spec;
         let s = x.size();
-        ensure!(s.len() == 4, "{model}: x must be (batch, channels, height, width), got shape {s:?}");
+        ensure!(s.len() == 2 + spec.spatial_dims as usize, "{model}: x must be {}, got shape {s:?}", spec.layout());
         ensure!(s[1] == spec.in_channels, "{model}: x must have {} channels, got shape {s:?}", spec.in_channels);
         let factor = 1i64 << (spec.levels() - 1);
         ensure!(
-            s[2] > 0 && s[3] > 0 && s[2] % factor == 0 && s[3] % factor == 0,
+            s[2..].iter().all(|&n| n > 0 && n % factor == 0),
             "{model}: the spatial size of x {:?} must be divisible by {factor} (2^(levels-1))",
             &s[2..]
         );
@@ -451,7 +462,10 @@ impl DiffusionModelUNet {
             encoder,
             up_blocks,
             out_0: group_norm(&(p / "out" / "0"), spec.norm_num_groups, ch0, spec.norm_eps),
-            out_2: Convolution::zeroed(&(p / "out" / "2"), ch0, config.out_channels, 3, 1, 1),
+            out_2: Convolution::zeroed(
+                &(p / "out" / "2"),
+                ConvSpec::new(spec.spatial_dims, ch0, config.out_channels, 3, 1, 1),
+            ),
             config: config.clone(),
         })
     }

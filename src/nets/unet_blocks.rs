@@ -2,8 +2,8 @@
 //! 1.6.1 `diffusion_model_unet.py`: ResnetBlocks, spatial self-attention, SpatialTransformers,
 //! and the down, middle and up blocks built from them. Field and path names are MONAI's.
 use super::blocks::{
-    group_norm, linear, AttentionMath, AttentionOptions, Convolution, CrossAttentionBlock, SABlock, SABlockConfig,
-    SpatialAttentionBlock,
+    avg_pool_x2, group_norm, linear, upsample_nearest_x2, AttentionMath, AttentionOptions, ConvSpec, Convolution,
+    CrossAttentionBlock, SABlock, SABlockConfig, SpatialAttentionBlock,
 };
 use super::diffusion_model_unet::EncoderSpec;
 use crate::checkpoint::Generation;
@@ -45,14 +45,15 @@ enum Resample {
 
 impl ResnetBlock {
     fn new(p: &nn::Path, cin: i64, cout: i64, temb: i64, spec: &EncoderSpec, resample: Resample) -> Self {
-        let (g, eps) = (spec.norm_num_groups, spec.norm_eps);
+        let (d, g, eps) = (spec.spatial_dims, spec.norm_num_groups, spec.norm_eps);
         Self {
             norm1: group_norm(&(p / "norm1"), g, cin, eps),
-            conv1: Convolution::new(&(p / "conv1"), cin, cout, 3, 1, 1),
+            conv1: Convolution::new(&(p / "conv1"), ConvSpec::new(d, cin, cout, 3, 1, 1)),
             time_emb_proj: linear(p / "time_emb_proj", temb, cout, true),
             norm2: group_norm(&(p / "norm2"), g, cout, eps),
-            conv2: Convolution::zeroed(&(p / "conv2"), cout, cout, 3, 1, 1),
-            skip_connection: (cin != cout).then(|| Convolution::new(&(p / "skip_connection"), cin, cout, 1, 1, 0)),
+            conv2: Convolution::zeroed(&(p / "conv2"), ConvSpec::new(d, cout, cout, 3, 1, 1)),
+            skip_connection: (cin != cout)
+                .then(|| Convolution::new(&(p / "skip_connection"), ConvSpec::new(d, cin, cout, 1, 1, 0))),
             resample,
         }
     }
@@ -62,16 +63,17 @@ impl ResnetBlock {
         let x = match self.resample {
             Resample::None => x.shallow_clone(),
             Resample::Up => {
-                h = upsample_nearest(&h);
-                upsample_nearest(x)
+                h = upsample_nearest_x2(&h);
+                upsample_nearest_x2(x)
             }
             Resample::Down => {
-                h = avg_pool(&h);
-                avg_pool(x)
+                h = avg_pool_x2(&h);
+                avg_pool_x2(x)
             }
         };
-        // A batch-1 embedding broadcasts over the batch: the samplers pass one timestep.
-        let temb = emb.silu().apply(&self.time_emb_proj).unsqueeze(-1).unsqueeze(-1);
+        // A batch-1 embedding broadcasts over the batch: the samplers pass one timestep. One trailing unit
+        // dimension per spatial one (`temb[:, :, None, None]`, 3-D: `[..., None, None, None]`).
+        let temb = (2..x.dim()).fold(emb.silu().apply(&self.time_emb_proj), |t, _| t.unsqueeze(-1));
         let h = h.apply(&self.conv1) + temb;
         let h = h.apply(&self.norm2).silu().apply(&self.conv2);
         match &self.skip_connection {
@@ -79,15 +81,6 @@ impl ResnetBlock {
             None => x + h,
         }
     }
-}
-
-fn upsample_nearest(x: &Tensor) -> Tensor {
-    let (h, w) = (x.size()[2], x.size()[3]);
-    x.upsample_nearest2d([2 * h, 2 * w], 2.0, 2.0)
-}
-
-fn avg_pool(x: &Tensor) -> Tensor {
-    x.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None::<i64>)
 }
 
 /// GEGLU feed-forward (`MLPBlock(act="GEGLU")`): the first half of `linear1` is the value,
@@ -179,21 +172,27 @@ impl SpatialTransformer {
             .collect();
         Self {
             norm: group_norm(&(p / "norm"), spec.norm_num_groups, c, spec.norm_eps),
-            proj_in: Convolution::new(&(p / "proj_in"), c, inner, 1, 1, 0),
+            proj_in: Convolution::new(&(p / "proj_in"), ConvSpec::new(spec.spatial_dims, c, inner, 1, 1, 0)),
             transformer_blocks: blocks,
-            proj_out: Convolution::zeroed(&(p / "proj_out"), inner, c, 1, 1, 0),
+            proj_out: Convolution::zeroed(&(p / "proj_out"), ConvSpec::new(spec.spatial_dims, inner, c, 1, 1, 0)),
         }
     }
 
     fn forward_t(&self, x: &Tensor, context: Option<&Tensor>, train: bool) -> Tensor {
-        let (b, _, h, w) = x.size4().expect("SpatialTransformer input is (batch, channels, height, width)");
+        // Channels last, positions flattened row-major: "b c h w (d) -> b (h w (d)) c" and back.
         let t = x.apply(&self.norm).apply(&self.proj_in);
-        let inner = t.size()[1];
-        let mut t = t.permute([0, 2, 3, 1]).reshape([b, h * w, inner]);
+        let size = t.size();
+        let (b, inner, n) = (size[0], size[1], size.len() as i64);
+        let to_last: Vec<i64> = std::iter::once(0).chain(2..n).chain(std::iter::once(1)).collect();
+        let mut t = t.permute(to_last.as_slice()).reshape([b, -1, inner]);
         for block in &self.transformer_blocks {
             t = block.forward_t(&t, context, train);
         }
-        let t = t.reshape([b, h, w, inner]).permute([0, 3, 1, 2]).contiguous();
+        let mut last_shape: Vec<i64> = vec![b];
+        last_shape.extend_from_slice(&size[2..]);
+        last_shape.push(inner);
+        let to_first: Vec<i64> = [0, n - 1].into_iter().chain(1..n - 1).collect();
+        let t = t.reshape(last_shape.as_slice()).permute(to_first.as_slice()).contiguous();
         t.apply(&self.proj_out) + x
     }
 }
@@ -286,7 +285,10 @@ impl DownBlock {
             if spec.resblock_updown {
                 Downsampler::Res(ResnetBlock::new(&dp, l.out_c, l.out_c, temb, spec, Resample::Down))
             } else {
-                Downsampler::Conv(Convolution::new(&(&dp / "op"), l.out_c, l.out_c, 3, 2, 1))
+                Downsampler::Conv(Convolution::new(
+                    &(&dp / "op"),
+                    ConvSpec::new(spec.spatial_dims, l.out_c, l.out_c, 3, 2, 1),
+                ))
             }
         });
         Self { resnets, attentions, downsampler }
@@ -379,7 +381,10 @@ impl UpBlock {
             if spec.resblock_updown {
                 Upsampler::Res(ResnetBlock::new(&up, out_c, out_c, temb, spec, Resample::Up))
             } else {
-                Upsampler::Nearest(Convolution::new(&(&up / "postconv"), out_c, out_c, 3, 1, 1))
+                Upsampler::Nearest(Convolution::new(
+                    &(&up / "postconv"),
+                    ConvSpec::new(spec.spatial_dims, out_c, out_c, 3, 1, 1),
+                ))
             }
         });
         Self { resnets, attentions, upsampler }
@@ -402,7 +407,7 @@ impl UpBlock {
             }
         }
         match &self.upsampler {
-            Some(Upsampler::Nearest(c)) => upsample_nearest(&h).apply(c),
+            Some(Upsampler::Nearest(c)) => upsample_nearest_x2(&h).apply(c),
             Some(Upsampler::Res(r)) => r.forward(&h, emb),
             None => h,
         }

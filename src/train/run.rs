@@ -6,7 +6,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use tch::Tensor;
 
 /// The `train` section of a stage config: the loop settings the reference passes on its command
 /// line (batch size, epochs, validation frequency, seed) plus medgen's checkpoint cadence.
@@ -98,9 +97,7 @@ impl RunDir {
         let kept: Vec<_> =
             self.read_log()?.into_iter().filter(|r| r["step"].as_u64().is_none_or(|s| s <= step)).collect();
         let text: String = kept.iter().map(|r| format!("{r}\n")).collect();
-        let tmp = self.root.join(".metrics.jsonl.tmp");
-        std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, self.metrics()).with_context(|| format!("cannot replace {}", self.metrics().display()))
+        crate::io::atomic::write_bytes(&self.metrics(), text.as_bytes())
     }
 }
 
@@ -129,31 +126,6 @@ pub fn check_finite(what: &str, v: f64, step: u64) -> Result<()> {
         bail!("{what} is {v} at step {step}: stopping; the last checkpoint is kept");
     }
     Ok(())
-}
-
-/// A grid PNG of `(N, 1, H, W)` images in [0, 1] (clipped), `cols` per row: truncated to u8 as
-/// the reference saves images.
-pub fn save_grid(path: &Path, images: &Tensor, cols: i64) -> Result<()> {
-    let imgs = images.detach().to_device(tch::Device::Cpu).to_kind(tch::Kind::Float).clamp(0.0, 1.0);
-    let (n, _, h, w) = imgs.size4()?;
-    let cols = cols.clamp(1, n.max(1));
-    let rows = (n + cols - 1) / cols;
-    let mut canvas = image::GrayImage::new((cols * w) as u32, (rows * h) as u32);
-    let values: Vec<f32> = Vec::try_from(imgs.flatten(0, -1))?;
-    for i in 0..n {
-        let (r, c) = (i / cols, i % cols);
-        for y in 0..h {
-            for x in 0..w {
-                let v = values[(i * h * w + y * w + x) as usize];
-                canvas.put_pixel((c * w + x) as u32, (r * h + y) as u32, image::Luma([(v * 255.0) as u8]));
-            }
-        }
-    }
-    let tmp = path.with_extension("png.tmp");
-    canvas
-        .save_with_format(&tmp, image::ImageFormat::Png)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// A loss-curve PNG: each series (name, points (x, y)) a line, y on a log scale, white background.
@@ -196,7 +168,5 @@ pub fn save_curves(path: &Path, series: &[(String, Vec<(f64, f64)>)]) -> Result<
             }
         }
     }
-    let tmp = path.with_extension("png.tmp");
-    img.save_with_format(&tmp, image::ImageFormat::Png).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    crate::io::png::save_image(path, &image::DynamicImage::ImageRgb8(img))
 }

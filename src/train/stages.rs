@@ -12,17 +12,18 @@ use super::diffusion::{diffusion_loss, diffusion_step, ControlInput};
 use super::grad_scaler::GradScaler;
 use super::init::build_on_cpu;
 use super::optim::{Adam, AdamConfig};
-use super::run::{check_finite, interrupt_flag, save_curves, save_grid, seed_step, RunDir, TrainSettings};
+use super::run::{check_finite, interrupt_flag, save_curves, seed_step, RunDir, TrainSettings};
 use crate::amp::Precision;
 use crate::checkpoint::{load_model, load_strict, StateDict};
 use crate::config::{self, model_params, read_json};
 use crate::data::augment::AugmentConfig;
-use crate::data::loader::{read_list, Batch, DataLoader, LoaderConfig};
+use crate::data::loader::{lists_volumes, read_list, Batch, DataLoader, LoaderConfig};
 use crate::distributed;
+use crate::io::png::save_grid;
 use crate::losses::adversarial::PatchAdversarialLoss;
 use crate::losses::perceptual::{PerceptualLoss, PerceptualLossConfig};
 use crate::nets::patch_discriminator::{PatchDiscriminator, PatchDiscriminatorConfig};
-use crate::nets::{AutoencoderKL, ControlNet, DiffusionModelUNet};
+use crate::nets::{AutoencoderKL, AutoencoderKLConfig, ControlNet, DiffusionModelUNet};
 use crate::sampling::{decode_latent, sample_latent, Control, TextConditioning};
 use crate::schedulers::{self, NoiseSchedule, SchedulerConfig, SchedulerKind};
 use crate::text::context::PromptContexts;
@@ -447,13 +448,20 @@ fn train_loader(
     flair: bool,
     dropout: f64,
 ) -> Result<DataLoader> {
+    // The reference's augmentations are 2-D; the 3-D bundles train without spatial augmentation too.
+    let augment = if lists_volumes(&records)? {
+        say!("note: the training list names NIfTI volumes: they are not augmented (the augmentations are 2-D)");
+        None
+    } else {
+        Some(augment)
+    };
     DataLoader::new(
         records,
         LoaderConfig {
             batch_size: s.batch_size,
             shuffle: true,
             drop_last: false,
-            augment: Some(augment),
+            augment,
             with_flair: flair,
             context_dropout: dropout,
             seed: s.seed,
@@ -485,6 +493,11 @@ fn val_loader(
         ..Default::default()
     };
     Ok(Some(DataLoader::new(records, cfg)?))
+}
+
+/// The latent of a `(batch, channels, spatial...)` image batch.
+fn batch_latent_shape(cfg: &AutoencoderKLConfig, batch: &[i64]) -> Vec<i64> {
+    [&batch[..1], &cfg.latent_shape(&batch[2..])[..]].concat()
 }
 
 fn lr(cfg: &Value, section: &str, key: &str, path: &Path) -> Result<f64> {
@@ -542,11 +555,7 @@ pub fn train_aekl(inputs: &TrainInputs) -> Result<()> {
     let (train, val) = lists(&inputs.data)?;
     let loader = train_loader(train, &s, AugmentConfig::autoencoder(), false, 0.0)?;
     let val = val_loader(val, &s, false)?;
-    let latent_shape = |b: &Tensor| -> Vec<i64> {
-        let f = 1i64 << (ae_cfg.channels.len() - 1);
-        let sz = b.size();
-        vec![sz[0], ae_cfg.latent_channels, sz[2] / f, sz[3] / f]
-    };
+    let latent_shape = |b: &Tensor| batch_latent_shape(&ae_cfg, &b.size());
     let opts = std::cell::RefCell::new(o);
     let precision = inputs.precision;
     let mut step = |b: &Batch, epoch: u64| -> Result<Vec<(&'static str, Tensor)>> {
@@ -792,8 +801,8 @@ fn train_diffusion(inputs: &TrainInputs, controlnet_stage: bool) -> Result<()> {
         // A few samples from the model (DDIM, no guidance), decoded: people look at these.
         if let Some((t1w, flair)) = first_flair.filter(|_| distributed::is_main()) {
             let k = t1w.size()[0].min(4);
-            let f = 1i64 << (ae.model.config().channels.len() - 1);
-            let shape = [k, ae.model.config().latent_channels, t1w.size()[2] / f, t1w.size()[3] / f];
+            let mut shape = batch_latent_shape(ae.model.config(), &t1w.size());
+            shape[0] = k;
             seed_step(s.seed ^ 0x5A4, epoch);
             let noise = Tensor::randn(shape, (Kind::Float, Device::Cpu)).to_device(dev);
             let mut sched = schedulers::build(

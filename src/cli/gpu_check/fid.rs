@@ -114,8 +114,7 @@ pub(super) fn run(
     let mut cpu: Option<(Tensor, Tensor)> = None;
     report.check(name, "cpu", || {
         let paths = images.context("no images: the tiny data set was not written")?;
-        let x =
-            Tensor::f_stack(&paths.iter().map(|p| crate::data::loader::load_png(p)).collect::<Result<Vec<_>>>()?, 0)?;
+        let x = Tensor::f_stack(&paths.iter().map(|p| crate::io::png::load_png(p)).collect::<Result<Vec<_>>>()?, 0)?;
         let f = source.load(Device::Cpu)?.features(&x)?;
         ensure!(all_finite(&f)?, "features not finite");
         let mean = f64::try_from(f.mean(Kind::Double))?;

@@ -161,10 +161,7 @@ fn cell(s: &str) -> String {
 
 /// Written beside, then renamed over `path`.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path.file_name().with_context(|| format!("{} names no file", path.display()))?;
-    let tmp = path.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+    crate::io::atomic::write_bytes(path, bytes)
 }
 
 /// Marks a scratch folder as this command's, so a second run may empty it.

@@ -55,9 +55,9 @@ fn save(path: &Path, grads: &[Tensor], weights: &[Tensor]) -> Result<()> {
         .map(|(i, t)| (format!("grad.{i}"), t.shallow_clone()))
         .chain(weights.iter().enumerate().map(|(i, t)| (format!("weight.{i}"), t.shallow_clone())))
         .collect();
-    let tmp = path.with_extension("pt.tmp");
-    Tensor::save_multi(&named, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+    crate::io::atomic::write_with(path, |tmp| {
+        Tensor::save_multi(&named, tmp).with_context(|| format!("cannot write {}", tmp.display()))
+    })
 }
 
 fn load(path: &Path) -> Result<(Vec<Tensor>, Vec<Tensor>)> {

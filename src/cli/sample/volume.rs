@@ -10,21 +10,14 @@
 //! other volumes of a folder.
 use super::{latent_shape, setup, FlairArgs, Setup};
 use crate::data::preprocess::{normalize_slab, Crop, Span};
-use crate::data::volume::{write_volume, SliceReader};
 use crate::generate::Sampler;
+use crate::io::volume::{is_volume_name, write_volume, SliceReader};
 use crate::train::stages::{META_CROP, META_SLICES};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use ndarray::{s, Array3};
 use nifti::NiftiHeader;
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
-
-fn is_volume_name(path: &Path) -> bool {
-    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-        let n = n.to_ascii_lowercase();
-        n.ends_with(".nii") || n.ends_with(".nii.gz")
-    })
-}
 
 /// The volumes directly in `dir`, sorted; hidden files (a killed writer's `.tmp-…`) are not volumes.
 fn volume_files(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -188,9 +181,10 @@ pub fn translate(a: &FlairArgs) -> Result<()> {
     let pairs = pairs(&a.input, &c.output)?;
     ensure!(!pairs.is_empty(), "{}: no .nii or .nii.gz files", a.input.display());
     let s = setup(c, Some((a.controlnet_config.clone(), a.controlnet_weights.clone())), 7.0)?;
+    super::require_2d(&s, c)?;
     let crop = resolve_crop(a, &s)?;
     let (h, w) = (crop.rows.len() as i64, crop.cols.len() as i64);
-    s.models.autoencoder.model.check_reconstructable_size(h, w, &format!("the crop {crop}"))?;
+    s.models.autoencoder.model.check_reconstructable_size(&[h, w], &format!("the crop {crop}"))?;
     let shape = latent_shape(&s, h, w)?;
     // Every volume is checked before the first is sampled: a bad one is reported at once, not hours later.
     let mut good = Vec::new();
@@ -229,6 +223,7 @@ pub fn translate(a: &FlairArgs) -> Result<()> {
         conditioning_scale: scale,
         precision: s.precision,
         match_batch: c.match_batch,
+        decode_window: None,
         device: s.device,
     };
     let n_slices = crop.slices.len();
@@ -237,12 +232,20 @@ pub fn translate(a: &FlairArgs) -> Result<()> {
     for p in &good {
         let prepared = prepare(&p.input, &crop)?;
         let name = p.input.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-        let t1w = translate_volume(&sampler, &prepared, &crop, a.seed, c.batch_size, shape, &|done, msg| {
-            if done > 0 {
-                pb.inc(done as u64);
-            }
-            pb.set_message(format!("{name} {msg}"));
-        })?;
+        let t1w = translate_volume(
+            &sampler,
+            &prepared,
+            &crop,
+            a.seed,
+            c.batch_size.unwrap_or(super::SLICE_BATCH),
+            shape,
+            &|done, msg| {
+                if done > 0 {
+                    pb.inc(done as u64);
+                }
+                pb.set_message(format!("{name} {msg}"));
+            },
+        )?;
         write_volume(&p.output, &t1w, Some(&output_header(&prepared.header, &p.input)))?;
     }
     pb.finish_and_clear();
@@ -304,7 +307,7 @@ fn translate_volume(
             .flat_map(|&i| v.flair.slice(s![.., .., i]).iter().map(|&p| p as f32 / 255.0).collect::<Vec<_>>())
             .collect();
         let control = Tensor::f_from_slice(&pixels)?.f_view([batch.len() as i64, 1, h as i64, w as i64])?;
-        let images = sampler.sample(&seeds, latent_shape, Some(&control), &mut |i, steps| {
+        let images = sampler.sample(&seeds, &latent_shape, Some(&control), &mut |i, steps| {
             progress(0, format!("step {i}/{steps}"));
         })?;
         // `save_png`'s clip to [0, 1], without its quantisation to 8 bits.

@@ -1,7 +1,7 @@
 //! What a data set looks like on disk: BIDS-like paths, int16 NIfTI volumes and `synth.json`.
 use super::anatomy::AnatomySource;
 use super::params::SynthParams;
-use crate::data::volume::temporary_path;
+use crate::io::atomic::temporary_path;
 use anyhow::{anyhow, bail, Context, Result};
 use ndarray::Array3;
 use nifti::writer::WriterOptions;
@@ -119,9 +119,7 @@ impl Manifest {
 pub fn write_manifest(output: &Path, manifest: &Manifest) -> Result<()> {
     let path = output.join(MANIFEST_FILE);
     let text = serde_json::to_string_pretty(manifest)?;
-    let tmp = temporary_path(&path)?;
-    std::fs::write(&tmp, text + "\n").with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+    crate::io::atomic::write_bytes(&path, (text + "\n").as_bytes())
 }
 
 /// On `--resume`: the data set already there must have been made the same way (the subject count

@@ -10,6 +10,14 @@ use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
+/// Whether a file name is a NIfTI volume's (`.nii`, `.nii.gz`, any case).
+pub fn is_volume_name(path: &Path) -> bool {
+    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+        let n = n.to_ascii_lowercase();
+        n.ends_with(".nii") || n.ends_with(".nii.gz")
+    })
+}
+
 /// A 3-D volume indexed `[i, j, k]` as nibabel indexes `get_fdata()`.
 #[derive(Debug, Clone)]
 pub struct Volume {
@@ -120,29 +128,18 @@ impl SliceReader {
     }
 }
 
-/// The temporary name a file is written under before it is renamed into place: same
-/// directory (so the rename is atomic), same extension (the NIfTI writer compresses by it).
-pub fn temporary_path(path: &Path) -> Result<PathBuf> {
-    let name =
-        path.file_name().and_then(|n| n.to_str()).ok_or_else(|| anyhow!("{}: not a file name", path.display()))?;
-    Ok(path.with_file_name(format!(".tmp-{}-{name}", std::process::id())))
-}
-
 /// Writes `data` as float32 NIfTI (gzip if the name ends in `.gz`), copying the geometry of
 /// `reference` when given. Written to a temporary file and renamed: a reader never sees half a file.
 pub fn write_volume(path: &Path, data: &Array3<f32>, reference: Option<&NiftiHeader>) -> Result<()> {
     ensure!(data.iter().all(|v| v.is_finite()), "{}: refusing to write non-finite values", path.display());
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
-    }
-    let tmp = temporary_path(path)?;
-    let opts = WriterOptions::new(&tmp);
-    let opts = match reference {
-        Some(h) => opts.reference_header(h),
-        None => opts,
-    };
-    opts.write_nifti(data).map_err(|e| anyhow!("{}: cannot write NIfTI: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+    super::atomic::write_with(path, |tmp| {
+        let opts = WriterOptions::new(tmp);
+        let opts = match reference {
+            Some(h) => opts.reference_header(h),
+            None => opts,
+        };
+        opts.write_nifti(data).map_err(|e| anyhow!("{}: cannot write NIfTI: {e}", tmp.display()))
+    })
 }
 
 #[cfg(test)]
