@@ -1,6 +1,7 @@
 //! The training data loader: a `t1w`/`flair` TSV list and its PNGs, read as the reference reads
-//! them (8-bit grayscale, `u8 / 255.0`), or its NIfTI volumes (3-D models, `data::volumes`), augmented with one draw per sample for both images,
-//! batched, and decoded in parallel (rayon) on a background thread ahead of the training step.
+//! them (8-bit grayscale, `u8 / 255.0`), or its NIfTI volumes (3-D models, `data::volumes`),
+//! augmented (PNGs) with one draw per sample for both images, batched, and decoded in parallel
+//! (rayon) on a background thread ahead of the training step.
 //!
 //! Everything random (the order and each sample's augmentation) is a function of the seed, the
 //! epoch and the sample's row, not of thread timing: the same seed gives the same batches.
